@@ -1,0 +1,1 @@
+"""The ringflow command line: parse, call, print."""

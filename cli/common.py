@@ -1,0 +1,32 @@
+"""What every command shares: loading a configuration and turning errors into one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from tasks.config import Config
+from tasks.errors import ConfigError, RingflowError
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_FAILED = 1  # the job ran but some files failed
+EXIT_USAGE = 2  # bad configuration or input: nothing was done
+EXIT_INTERRUPTED = 130
+
+
+def load_config(path: Path) -> Config:
+    try:
+        config = Config.from_file(path)
+    except ConfigError as exc:
+        fail(exc)
+    for warning in config.warnings:
+        err.print(f"[yellow]warning:[/] {path}: {warning}")
+    return config
+
+
+def fail(exc: RingflowError, code: int = EXIT_USAGE) -> None:
+    err.print(f"[red]error:[/] {exc}", markup=True)
+    raise typer.Exit(code)

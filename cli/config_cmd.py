@@ -1,0 +1,28 @@
+"""ringflow config: write a commented configuration template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tasks.config import template
+
+from .common import EXIT_USAGE, err
+
+
+def config(
+    path: Path = typer.Argument(..., help="Where to write the template (INI)."),
+    dataset: str = typer.Option("", "--dataset", help="Value for [dataset] location."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a configuration template with every key, its default and its meaning."""
+    if path.exists() and not force:
+        err.print(f"[red]error:[/] {path}: exists; use --force to overwrite")
+        raise typer.Exit(EXIT_USAGE)
+    try:
+        path.write_text(template(dataset))
+    except OSError as exc:
+        err.print(f"[red]error:[/] {path}: cannot write: {exc.strerror}")
+        raise typer.Exit(EXIT_USAGE) from None
+    typer.echo(str(path))

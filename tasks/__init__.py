@@ -1,0 +1,3 @@
+"""Everything that runs on a worker: Celery app, configuration, discovery, engine, readers, writers."""
+
+__version__ = "0.1.0"

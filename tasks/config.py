@@ -1,0 +1,601 @@
+"""Typed configuration read from an INI file compatible with ESRF's ``integrator``.
+
+Each INI section is a frozen dataclass; each field carries its INI key, a parser that turns
+the text into a typed value (raising ``ValueError`` with the reason), and its documentation,
+from which ``ringflow config`` writes the commented template. Unknown keys are reported as
+warnings; invalid or unsupported values raise :class:`ConfigError` naming section, key and value.
+Relative paths are resolved against the configuration file's folder.
+"""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+CONFIG_VERSION = 1
+BROKER_ENV = "RINGFLOW_BROKER_URL"
+
+
+# --- value parsers: text -> typed value, ValueError with the reason ---------------------------
+
+
+def _text(value: str) -> str:
+    return value.strip()
+
+
+def _int(minimum: int | None = None) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ValueError("expected an integer") from None
+        if minimum is not None and number < minimum:
+            raise ValueError(f"must be >= {minimum}")
+        return number
+
+    return parse
+
+
+def _float_or_none(value: str) -> float | None:
+    if value.strip().lower() in ("", "none"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError("expected a number or empty") from None
+
+
+def _bool(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "yes", "y", "true", "on"):
+        return True
+    if text in ("0", "no", "n", "false", "off", ""):
+        return False
+    if text.isdigit():
+        return int(text) > 0
+    raise ValueError("expected 0/1, yes/no or true/false")
+
+
+def _choice(*allowed: str, aliases: dict[str, str] | None = None) -> Callable[[str], str]:
+    table = {a.lower(): a for a in allowed} | {k.lower(): v for k, v in (aliases or {}).items()}
+
+    def parse(value: str) -> str:
+        try:
+            return table[value.strip().lower()]
+        except KeyError:
+            raise ValueError(f"allowed values: {', '.join(allowed)}") from None
+
+    return parse
+
+
+def _numbers(value: str) -> list[float]:
+    text = value.strip().strip("()[]").strip()
+    if not text:
+        return []
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError("expected numbers separated by commas, e.g. (0.5, 30)") from None
+
+
+def _radial_range(value: str) -> tuple[float, float] | None:
+    numbers = _numbers(value)
+    if not numbers:
+        return None
+    if len(numbers) != 2 or not numbers[0] < numbers[1]:
+        raise ValueError("expected (min, max) with min < max, or empty")
+    return numbers[0], numbers[1]
+
+
+def _azimuthal_range(value: str) -> tuple[float, float, int]:
+    numbers = _numbers(value)
+    if len(numbers) != 3 or not numbers[0] < numbers[1]:
+        raise ValueError("expected (min, max, n_slices) with min < max, e.g. (-180, 180, 1)")
+    if numbers[2] < 1 or numbers[2] != int(numbers[2]):
+        raise ValueError("n_slices must be a positive integer")
+    return numbers[0], numbers[1], int(numbers[2])
+
+
+def _globs(value: str) -> tuple[str, ...]:
+    items = tuple(part.strip() for part in value.split(",") if part.strip())
+    if not items:
+        raise ValueError("at least one file or glob is required")
+    return items
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _octal(value: str) -> int:
+    text = value.strip()
+    if not re.fullmatch(r"0?o?[0-7]{3,4}", text):
+        raise ValueError("expected an octal file mode such as 755")
+    return int(text.lstrip("0o") or "0", 8)
+
+
+def _hdf5_entry(value: str) -> str:
+    text = value.strip()
+    if text and not re.fullmatch(r"\d+\.\d+", text):
+        raise ValueError("expected an entry name such as 1.1, or empty for every N.1 entry")
+    return text
+
+
+def _timelimit(value: str) -> str:
+    text = value.strip()
+    if not re.fullmatch(r"(\d+-)?\d{1,2}(:\d{2}){0,2}", text):
+        raise ValueError("expected a SLURM time such as 01:00:00 or 1-00:00:00")
+    return text
+
+
+def _memory(value: str) -> str:
+    text = value.strip()
+    if not re.fullmatch(r"\d+\s*[KMGT]?B?", text, flags=re.IGNORECASE):
+        raise ValueError("expected a size such as 100GB")
+    return text
+
+
+def _unit(value: str) -> str:
+    text = value.strip()
+    from pyFAI.units import RADIAL_UNITS  # imported here: config parsing must stay light
+
+    if text not in RADIAL_UNITS:
+        raise ValueError(f"not a pyFAI radial unit; e.g. {', '.join(_COMMON_UNITS)}")
+    return text
+
+
+_COMMON_UNITS = ("r_mm", "q_A^-1", "q_nm^-1", "2th_deg", "2th_rad", "d*2_A^-2")
+
+
+def _error_model(value: str) -> str:
+    return _choice("poisson", "hybrid", "azimuthal", "", aliases={"none": "", "no": ""})(value)
+
+
+def _pixel_splitting(value: str) -> str:
+    return _choice(
+        "no", "bbox", "pseudo", "full", aliases={"0": "no", "": "no", "none": "no"}
+    )(value)
+
+
+def _average_xy(value: str) -> str:
+    aliases = {"0": "", "no": "", "false": "", "none": "", "1": "mean"}
+    return _choice("", "mean", "median", aliases=aliases)(value)
+
+
+def _broker_url(value: str) -> str:
+    text = value.strip()
+    if text and not re.match(r"^(redis|rediss|redis\+socket)://", text):
+        raise ValueError("expected redis://, rediss:// or redis+socket:// (empty: embedded Redis)")
+    return text
+
+
+def _queue_prefix(value: str) -> str:
+    text = value.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", text):
+        raise ValueError("letters, digits, '_' and '-' only")
+    return text
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if value is None:
+        return ""
+    if isinstance(value, tuple):
+        if value and all(isinstance(v, str) for v in value):
+            return ", ".join(value)
+        return "(" + ", ".join(repr(v) for v in value) + ")" if value else ""
+    return str(value)
+
+
+# --- the schema --------------------------------------------------------------------------------
+
+
+def option(key: str, parse: Callable[[str], Any], doc: str, default: Any = MISSING, fmt=None):
+    """A dataclass field bound to INI ``key``; ``fmt`` writes a value back as INI text."""
+    meta = {"key": key, "parse": parse, "doc": doc, "fmt": fmt or _format}
+    if default is MISSING:
+        return field(metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    location: tuple[str, ...] = option(
+        "location", _globs, "Bliss dataset HDF5 files or Lima files; comma-separated globs."
+    )
+    hdf5_entry: str = option(
+        "hdf5_entry", _hdf5_entry, "One scan entry such as 1.1; empty: every N.1 entry.", ""
+    )
+    layout: str = option(
+        "layout",
+        _choice("ID15A", "ID11", "ID31", aliases={"id15": "ID15A"}),
+        "Folder layout (ID11, ID15A, ID31): all mirror RAW_DATA into PROCESSED_DATA.",
+        "ID15A",
+    )
+
+
+@dataclass(frozen=True)
+class IntegrationConfig:
+    poni_file: str = option("poni_file", _text, "pyFAI calibration (PONI) file. Required.")
+    n_pts: int = option("n_pts", _int(1), "Number of radial bins.", 2500)
+    unit: str = option("unit", _unit, "Radial unit (pyFAI name: r_mm, q_A^-1, 2th_deg...).", "r_mm")
+    detector: str = option(
+        "detector", _text, "pyFAI detector name or detector file; empty: the PONI's detector.", ""
+    )
+    detector_name: str = option(
+        "detector_name", _text, "Lima detector name in the Bliss files (e.g. pilatus).", ""
+    )
+    detector_suffix: str = option(
+        "detector_suffix",
+        _text,
+        "Suffix after the detector name in measurement/ (e.g. raw_frame -> pilatus_raw_frame).",
+        "",
+    )
+    mask_file: str = option("mask_file", _text, "Mask image (non-zero = masked), any fabio format.", "")
+    flatfield_file: str = option("flatfield_file", _text, "Flat-field image (fabio format).", "")
+    dark_file: str = option("dark_file", _text, "Dark-current image (fabio format).", "")
+    error_model: str = option(
+        "error_model", _error_model, "Error model: hybrid, poisson, azimuthal or none.", "hybrid"
+    )
+    azimuthal_range: tuple[float, float, int] = option(
+        "azimuthal_range",
+        _azimuthal_range,
+        "(min, max, n_slices) in degrees; n_slices > 1 gives 2D caking (frames x slices x n_pts).",
+        (-180.0, 180.0, 1),
+    )
+    radial_range: tuple[float, float] | None = option(
+        "radial_range", _radial_range, "(min, max) in `unit`; empty: the full range.", None
+    )
+    ai_method: str = option(
+        "ai_method",
+        _choice("opencl", "cython", "python"),
+        "Integration implementation: opencl (GPU/OpenCL device), cython (CPU) or python.",
+        "opencl",
+    )
+    polarization_factor: float | None = option(
+        "polarization_factor", _float_or_none, "Polarization factor in [-1, 1]; empty: none.", 0.99
+    )
+    correct_solid_angle: bool = option(
+        "correct_solid_angle", _bool, "Correct for the solid angle of each pixel (0/1).", True
+    )
+    correct_detector_attenuation: bool = option(
+        "correct_detector_attenuation",
+        _bool,
+        "Correct the sensor's angle-dependent absorption efficiency (0/1).",
+        True,
+    )
+    sensor_material: str = option(
+        "sensor_material",
+        _choice("CdTe", "Si", "Ge", "GaAs", "CZT", "Se", "Gd2O2S"),
+        "ringflow: sensor material for the attenuation correction.",
+        "CdTe",
+    )
+    sensor_thickness_cm: float = option(
+        "sensor_thickness_cm", float, "ringflow: sensor thickness in cm (attenuation).", 0.1
+    )
+    monitor_name: str = option(
+        "monitor_name",
+        _text,
+        "ringflow: counter in measurement/ to normalise each frame by; empty: no normalisation.",
+        "",
+    )
+    average_xy: str = option(
+        "average_xy", _average_xy, "Also store the mean or median over frames (0, mean, median).", ""
+    )
+    pixel_splitting: str = option(
+        "pixel_splitting", _pixel_splitting, "Pixel splitting: no, bbox, pseudo, full.", "no"
+    )
+    trim_method: str = option(
+        "trim_method",
+        _choice("", "median", "sigma_clip", aliases={"none": "", "default": ""}),
+        "Trimming (median, sigma_clip): not supported yet by ringflow; leave empty.",
+        "",
+    )
+    trim_n_pts: int = option("trim_n_pts", _int(0), "Azimuthal bins for median trimming.", 0)
+    trim_bounds: tuple[float, ...] = option(
+        "trim_bounds", lambda v: tuple(_numbers(v)), "Percentiles or sigma threshold.", ()
+    )
+
+    @property
+    def n_slices(self) -> int:
+        return self.azimuthal_range[2]
+
+    @property
+    def method(self) -> tuple[str, str, str]:
+        return (self.pixel_splitting, "csr", self.ai_method)
+
+
+@dataclass(frozen=True)
+class ComputationsConfig:
+    partition: str = option("partition", _text, "SLURM partition.", "gpu")
+    n_workers: int = option("n_workers", _int(1), "SLURM jobs (one GPU each).", 4)
+    ai_engines_per_worker: int = option(
+        "ai_engines_per_worker", _int(1), "Integration processes per worker (per GPU).", 8
+    )
+    cores_per_worker: int = option(
+        "cores_per_worker", _int(1), "CPU threads per integration process.", 4
+    )
+    time: str = option("time", _timelimit, "SLURM time limit per worker job.", "01:00:00")
+    memory_per_worker: str = option(
+        "memory_per_worker", _memory, "SLURM memory per worker job.", "100GB"
+    )
+    python_executables: str = option(
+        "python_executables", _text, "Python on the worker nodes; empty: this Python.", ""
+    )
+    workspace_path: str = option(
+        "workspace_path",
+        _text,
+        "Folder shared with workers (partials, logs, broker data); empty: <output>/.ringflow.",
+        "",
+    )
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    location: str = option(
+        "location", _text, "Output folder; empty: PROCESSED_DATA beside RAW_DATA.", ""
+    )
+    existing_output: str = option(
+        "existing_output",
+        _choice("skip", "overwrite", "raise", "reprocess_if_conffile_more_recent"),
+        "If a scan's output exists: skip (if made with the same configuration), overwrite, "
+        "raise, or reprocess_if_conffile_more_recent.",
+        "reprocess_if_conffile_more_recent",
+    )
+    repack_output: bool = option(
+        "repack_output", _bool, "1: one self-contained file per scan (the only mode).", True
+    )
+    partial_files_subfolder: str = option(
+        "partial_files_subfolder", _text, "Subfolder of the output folder for partial files.", ""
+    )
+    file_mode: int = option(
+        "file_mode", _octal, "Permissions of created output folders (octal).", 0o755,
+        fmt=lambda mode: format(mode, "o"),
+    )
+    try_metadata: tuple[str, ...] = option(
+        "try_metadata",
+        _names,
+        "Positioners/counters to copy into the output; empty: all those of the scan.",
+        (),
+    )
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    verbosity: int = option("verbosity", _int(0), "0 terse ... 3 debug.", 2)
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    broker_url: str = option(
+        "broker_url",
+        _broker_url,
+        f"Redis URL (redis://:password@host:port/db, rediss:// for TLS); empty: an embedded "
+        f"private Redis. ${BROKER_ENV} overrides it.",
+        "",
+    )
+    queue_prefix: str = option(
+        "queue_prefix", _queue_prefix, "Prefix of queue names and Redis keys.", "ringflow"
+    )
+    task_time_limit: int = option(
+        "task_time_limit", _int(60), "Seconds one file task may run; also sets redelivery.", 7200
+    )
+    worker_start_timeout: int = option(
+        "worker_start_timeout", _int(5), "Seconds to wait for local workers to start.", 120
+    )
+    stall_timeout: int = option(
+        "stall_timeout", _int(10), "Seconds without any progress before a run gives up.", 900
+    )
+
+
+SECTIONS: dict[str, type] = {
+    "dataset": DatasetConfig,
+    "azimuthal integration": IntegrationConfig,
+    "computations distribution": ComputationsConfig,
+    "output": OutputConfig,
+    "pipeline": PipelineConfig,
+    "queue": QueueConfig,
+}
+_ATTRS = {
+    "dataset": "dataset",
+    "azimuthal integration": "integration",
+    "computations distribution": "computations",
+    "output": "output",
+    "pipeline": "pipeline",
+    "queue": "queue",
+}
+PATH_KEYS = {
+    "azimuthal integration": ("poni_file", "mask_file", "flatfield_file", "dark_file"),
+    "computations distribution": ("workspace_path",),
+    "output": ("location",),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    dataset: DatasetConfig
+    integration: IntegrationConfig
+    computations: ComputationsConfig = field(default_factory=ComputationsConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    source: str = ""  # the INI file it was read from, if any
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Config:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("-", "-", str(path), "configuration file not found")
+        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+        parser.optionxform = str  # keep the keys' case for messages
+        try:
+            parser.read(path, encoding="utf-8")
+        except (configparser.Error, UnicodeDecodeError) as exc:
+            first_line = str(exc).splitlines()[0]
+            raise ConfigError("-", "-", str(path), f"not a valid INI file: {first_line}") from None
+        mapping = {name: dict(parser.items(name)) for name in parser.sections()}
+        return cls.from_mapping(mapping, source=str(path.resolve()))
+
+    @classmethod
+    def from_mapping(cls, mapping: dict[str, dict[str, str]], source: str = "") -> Config:
+        """Build from ``{section: {key: text}}``: the INI content, or :meth:`as_mapping`'s."""
+        base = Path(source).parent if source else Path.cwd()
+        warnings = [f"unknown section [{s}] ignored" for s in mapping if s not in SECTIONS]
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            values = {k.strip().lower(): v for k, v in mapping.get(name, {}).items()}
+            sections[_ATTRS[name]] = _build_section(name, section_cls, values, source, warnings)
+        config = cls(**sections, source=source, warnings=tuple(warnings))
+        config = _resolve_paths(config, base)
+        env_url = os.environ.get(BROKER_ENV, "").strip()
+        if env_url:
+            url = _parse_one("queue", "broker_url", env_url, _broker_url, f"${BROKER_ENV}")
+            config = replace(config, queue=replace(config.queue, broker_url=url))
+        _check_supported(config)
+        return config
+
+    def as_mapping(self) -> dict[str, dict[str, str]]:
+        """The configuration as INI text values: JSON-safe, and parsed back by from_mapping."""
+        return {
+            name: {
+                f.metadata["key"]: f.metadata["fmt"](getattr(getattr(self, _ATTRS[name]), f.name))
+                for f in fields(cls)
+            }
+            for name, cls in SECTIONS.items()
+        }
+
+    def as_ini(self, hide_secrets: bool = True) -> str:
+        mapping = self.as_mapping()
+        if hide_secrets:
+            mapping["queue"]["broker_url"] = redact_url(mapping["queue"]["broker_url"])
+        lines = []
+        for name, values in mapping.items():
+            lines.append(f"[{name}]")
+            lines += [f"{key} = {value}" for key, value in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+    def integration_fingerprint(self) -> str:
+        """Hash of everything that changes the integrated numbers, input files' dates included."""
+        payload = self.as_mapping()["azimuthal integration"]
+        for key in PATH_KEYS["azimuthal integration"]:
+            if payload[key] and os.path.exists(payload[key]):
+                stat = os.stat(payload[key])
+                payload[key] += f"@{stat.st_mtime_ns}:{stat.st_size}"
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _parse_one(section: str, key: str, text: str, parse, source: str):
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise ConfigError(section, key, text, str(exc), source) from None
+
+
+def _build_section(name: str, cls: type, values: dict[str, str], source: str, warnings: list):
+    by_key = {f.metadata["key"]: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(by_key))
+    warnings += [f"unknown key [{name}] {key} ignored" for key in unknown]
+    kwargs = {}
+    for key, f in by_key.items():
+        if key in values:
+            kwargs[f.name] = _parse_one(name, key, values[key], f.metadata["parse"], source)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(name, key, "", "required key is missing", source)
+    return cls(**kwargs)
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    for section, keys in PATH_KEYS.items():
+        attr = _ATTRS[section]
+        sub = getattr(config, attr)
+        changes = {
+            k: str((base / getattr(sub, k)).resolve())
+            for k in keys
+            if getattr(sub, k) and "://" not in getattr(sub, k)
+        }
+        config = replace(config, **{attr: replace(sub, **changes)})
+    locations = tuple(
+        loc if os.path.isabs(loc) else str(base / loc) for loc in config.dataset.location
+    )
+    return replace(config, dataset=replace(config.dataset, location=locations))
+
+
+def _check_supported(config: Config) -> None:
+    """Reject values ringflow cannot honour, rather than ignoring them."""
+    ai = config.integration
+    if ai.trim_method:
+        raise ConfigError(
+            "azimuthal integration",
+            "trim_method",
+            ai.trim_method,
+            "trimming (median / sigma_clip) is not supported yet by ringflow; leave it empty",
+            config.source,
+        )
+    if ai.polarization_factor is not None and not -1 <= ai.polarization_factor <= 1:
+        raise ConfigError(
+            "azimuthal integration",
+            "polarization_factor",
+            ai.polarization_factor,
+            "must be between -1 and 1 (or empty for no correction)",
+            config.source,
+        )
+    if ai.sensor_thickness_cm <= 0:
+        raise ConfigError(
+            "azimuthal integration", "sensor_thickness_cm", ai.sensor_thickness_cm,
+            "must be > 0", config.source,
+        )
+    if not config.output.repack_output:
+        raise ConfigError(
+            "output",
+            "repack_output",
+            "0",
+            "ringflow always writes one self-contained file per scan; set it to 1 or remove it",
+            config.source,
+        )
+    if not ai.poni_file:
+        raise ConfigError(
+            "azimuthal integration", "poni_file", "", "a PONI file is required", config.source
+        )
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, safe to print or store."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def template(dataset_glob: str = "") -> str:
+    """A commented INI file with every section and key, its default and meaning."""
+    lines = [
+        "# ringflow configuration (compatible with ESRF integrator files).",
+        "# Relative paths are relative to this file's folder. Keys marked 'ringflow:' are",
+        "# ringflow additions; everything else has the integrator's meaning.",
+        "",
+    ]
+    for name, cls in SECTIONS.items():
+        lines.append(f"[{name}]")
+        for f in fields(cls):
+            key, doc = f.metadata["key"], f.metadata["doc"]
+            lines.append(f"# {doc}")
+            if key == "location" and name == "dataset":
+                value = dataset_glob or "/path/to/RAW_DATA/sample/sample_0001/sample_0001.h5"
+            elif f.default is not MISSING:
+                value = f.metadata["fmt"](f.default)
+            else:
+                value = ""
+            lines.append(f"{key} = {value}")
+        lines.append("")
+    return "\n".join(lines)

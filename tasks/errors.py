@@ -1,0 +1,55 @@
+"""ringflow's exceptions: one base class, precise subclasses carrying the path, key or value.
+
+Internals raise these; only ``cli/`` turns them into user-facing messages.
+
+RingflowError
+ +- ConfigError        a configuration key has an invalid or unsupported value
+ +- DiscoveryError     a dataset file, entry or detector could not be resolved
+ +- InputDataError     a file is unreadable or its content does not fit (shape, dtype)
+ +- OutputError        an output location cannot be written, or an output exists already
+ +- BrokerError        the broker cannot be started or reached
+ +- WorkerError        a worker process could not start or died
+"""
+
+from __future__ import annotations
+
+
+class RingflowError(Exception):
+    """Base class of every error ringflow reports to a user."""
+
+
+class ConfigError(RingflowError):
+    def __init__(self, section: str, key: str, value: object, reason: str, path: str = ""):
+        self.section, self.key, self.value, self.reason, self.path = (
+            section,
+            key,
+            value,
+            reason,
+            path,
+        )
+        where = f"{path}: " if path else ""
+        super().__init__(f"{where}[{section}] {key} = {value!r}: {reason}")
+
+
+class DiscoveryError(RingflowError):
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}")
+
+
+class InputDataError(DiscoveryError):
+    """A file exists but its content cannot be used."""
+
+
+class OutputError(RingflowError):
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}")
+
+
+class BrokerError(RingflowError):
+    pass
+
+
+class WorkerError(RingflowError):
+    pass

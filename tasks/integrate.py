@@ -1,0 +1,85 @@
+"""The file task: integrate every frame of one Lima file into one partial result.
+
+Policy: acks_late with reject_on_worker_lost (set on the app) means a file whose process is
+killed is redelivered and redone from the start; its partial is rewritten atomically, so a
+redelivery gives the same partial. Every error is caught and returned as a status: a raising
+chord header would leave the scan's callback failed (Celery's ChordError) or hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+
+import numpy as np
+
+from . import registry
+from .app import app
+from .errors import InputDataError, RingflowError
+from .payloads import FileTask
+
+log = logging.getLogger(__name__)
+
+
+@app.task(name="ringflow.integrate_file")
+def integrate_file(payload: dict) -> dict:
+    task = FileTask.from_dict(payload)
+    client = app.backend.client
+    try:
+        frames = _integrate(task, client)
+    except Exception as exc:
+        failure = _failure(task, exc)
+        registry.mark_failed(client, task.prefix, task.job_id, task.task_id, failure)
+        return {"status": "failed", "task_id": task.task_id, **failure}
+    registry.mark_done(client, task.prefix, task.job_id)
+    return {"status": "done", "task_id": task.task_id, "file": task.path, "frames": frames}
+
+
+def _integrate(task: FileTask, client) -> int:
+    from .engine import engine_for  # pyFAI loads here, in the worker's child process
+    from .readers import open_frames, iter_batches
+    from .writers import Partial, write_partial
+
+    engine = engine_for(task.config_obj())
+    rows, sigmas = [], []
+    monitor = task.monitor
+    with open_frames(task.path, task.dataset) as dset:
+        if tuple(dset.shape[1:]) != engine.shape:
+            raise InputDataError(
+                task.path, f"frames are {tuple(dset.shape[1:])}, the detector is {engine.shape}"
+            )
+        for first, batch in iter_batches(dset, task.src_start, task.n_frames):
+            for offset, frame in enumerate(batch):
+                row = first - task.src_start + offset
+                norm = 1.0 if monitor is None else float(monitor[row])
+                result = engine.integrate(frame, norm)
+                rows.append(result.intensity)
+                sigmas.append(result.sigma)
+            registry.add_frames(client, task.prefix, task.job_id, len(batch))
+    if not rows:
+        raise InputDataError(task.path, f"no frames in {task.dataset}")
+    partial = Partial(
+        intensity=np.stack(rows),
+        sigma=None if sigmas[0] is None else np.stack(sigmas),
+        radial=engine.radial,
+        azimuthal=engine.azimuthal,
+        source_file=task.path,
+        source_frame=np.arange(task.src_start, task.src_start + task.n_frames),
+    )
+    write_partial(task.partial, partial)
+    return task.n_frames
+
+
+def _failure(task: FileTask, exc: Exception) -> dict:
+    if isinstance(exc, RingflowError):
+        message = str(exc)
+    else:  # not a user mistake: keep the traceback for the registry and the worker log
+        log.exception("unexpected error integrating %s", task.path)
+        message = f"{task.path}: {type(exc).__name__}: {exc}"
+    return {
+        "file": task.path,
+        "scan": task.scan_key,
+        "error": type(exc).__name__,
+        "message": message.splitlines()[0] if message else type(exc).__name__,
+        "traceback": "".join(traceback.format_exception(exc)[-3:]),
+    }

@@ -1,0 +1,152 @@
+"""A job: the scans to process, one file task per Lima slice, one chord per scan.
+
+Planning (discovery, output paths, existing_output) happens in the client before anything is
+enqueued; problems with single files or scans are collected so the rest of the job runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import uuid
+from dataclasses import dataclass, field
+
+from celery import chord
+
+from . import keys, registry
+from .config import Config
+from .discovery import Scan, discover
+from .errors import DiscoveryError, InputDataError, OutputError, RingflowError
+from .outputs import must_process, output_path, workspace
+from .payloads import FileTask, ScanTask
+
+
+@dataclass
+class JobPlan:
+    job_id: str
+    config: Config
+    workspace: str
+    scans: list[tuple[ScanTask, list[FileTask]]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # outputs kept by existing_output
+    problems: list[RingflowError] = field(default_factory=list)
+
+    @property
+    def file_tasks(self) -> list[FileTask]:
+        return [task for _, tasks in self.scans for task in tasks]
+
+    @property
+    def n_frames(self) -> int:
+        return sum(scan.n_frames for scan, _ in self.scans)
+
+
+def plan_job(
+    config: Config, detector_shape: tuple[int, int] | None = None, job_id: str | None = None
+) -> JobPlan:
+    """Discover the scans and build every payload; problems are collected, not raised."""
+    job_id = job_id or uuid.uuid4().hex[:12]
+    found = discover(config)
+    outputs = [output_path(config, scan) for scan in found.scans]
+    plan = JobPlan(job_id, config, workspace(config, outputs[0] if outputs else None))
+    plan.problems += found.problems
+    fingerprint = config.integration_fingerprint()
+    for scan, output in zip(found.scans, outputs):
+        if detector_shape and tuple(scan.frame_shape) != tuple(detector_shape):
+            plan.problems.append(InputDataError(
+                scan.slices[0].path, f"frames are {tuple(scan.frame_shape)}, the detector of "
+                f"the PONI/[azimuthal integration] detector is {tuple(detector_shape)}"))
+            continue
+        try:
+            if not must_process(config, output, fingerprint):
+                plan.skipped.append(output)
+                continue
+        except OutputError as exc:
+            plan.problems.append(exc)
+            continue
+        plan.scans.append(_scan_payloads(plan, scan, output, fingerprint))
+    return plan
+
+
+def _scan_payloads(plan: JobPlan, scan: Scan, output: str, fingerprint: str):
+    config, prefix = plan.config, plan.config.queue.queue_prefix
+    mapping = config.as_mapping()
+    partial_dir = _partial_dir(plan, scan, output)
+    scan_index = len(plan.scans)
+    files = []
+    for index, piece in enumerate(scan.slices):
+        stem = os.path.splitext(os.path.basename(piece.path))[0]
+        monitor = None
+        if scan.monitor is not None:
+            monitor = list(scan.monitor[piece.scan_start : piece.scan_start + piece.n_frames])
+        files.append(FileTask(
+            job_id=plan.job_id, task_id=f"{plan.job_id}-{scan_index:04d}-{index:04d}",
+            prefix=prefix, scan_key=scan.key, index=index, path=piece.path,
+            dataset=piece.dataset, src_start=piece.src_start, n_frames=piece.n_frames,
+            scan_start=piece.scan_start,
+            partial=os.path.join(partial_dir, f"{index:04d}_{stem}_{piece.src_start}.h5"),
+            config=mapping, config_source=config.source, monitor=monitor,
+        ))
+    scan_task = ScanTask(
+        job_id=plan.job_id, prefix=prefix, scan_key=scan.key, master=scan.master,
+        entry=scan.entry, label=scan.label, output=output, n_frames=scan.n_frames,
+        partials=[f.partial for f in files], config=mapping, config_source=config.source,
+        fingerprint=fingerprint,
+    )
+    return scan_task, files
+
+
+def _partial_dir(plan: JobPlan, scan: Scan, output: str) -> str:
+    sub = plan.config.output.partial_files_subfolder
+    base = (os.path.join(os.path.dirname(output), sub) if sub
+            else os.path.join(plan.workspace, "partials"))
+    return os.path.join(base, plan.job_id, os.path.splitext(os.path.basename(output))[0])
+
+
+def submit(app, plan: JobPlan, slot: int = 0) -> dict[str, str]:
+    """Register the job and send one chord per scan; returns scan key -> callback task id.
+
+    Task ids, not AsyncResult objects: those unsubscribe from Redis when garbage-collected,
+    which fails noisily once a private broker is stopped.
+    """
+    prefix = plan.config.queue.queue_prefix
+    client = app.backend.client
+    manifest = {task.task_id: task.to_dict() for task in plan.file_tasks}
+    registry.register_job(client, prefix, plan.job_id, manifest)
+    app.loader.import_default_modules()  # registers the tasks named in app's include
+    integrate_file = app.tasks["ringflow.integrate_file"]
+    assemble_scan = app.tasks["ringflow.assemble_scan"]
+    results = {}
+    for scan, files in plan.scans:
+        header = [
+            integrate_file.s(task.to_dict()).set(
+                queue=keys.gpu_queue(prefix, slot), task_id=task.task_id
+            )
+            for task in files
+        ]
+        body_id = f"{files[0].task_id.rsplit('-', 1)[0]}-assemble"
+        body = assemble_scan.s(scan.to_dict()).set(
+            queue=keys.assemble_queue(prefix), task_id=body_id
+        )
+        chord(header)(body)
+        results[scan.scan_key] = body_id
+    _stop_result_subscriptions(app)
+    return results
+
+
+def _stop_result_subscriptions(app) -> None:
+    """The client polls task metadata; it needs no pub/sub channel per sent task.
+
+    Sending subscribes one channel per task; AsyncResult.__del__ later unsubscribes, which
+    reconnects (noisily) to a broker that may be gone. Close it now and forget the channels.
+    """
+    gc.collect()
+    consumer = app.backend.result_consumer
+    consumer.stop()
+    consumer.subscribed_to.clear()
+
+
+def check_plan(plan: JobPlan) -> None:
+    """Raise the first problem when nothing at all can be processed."""
+    if not plan.scans and not plan.skipped:
+        raise plan.problems[0] if plan.problems else DiscoveryError(
+            ", ".join(plan.config.dataset.location), "no scan found"
+        )

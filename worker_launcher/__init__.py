@@ -1,0 +1,1 @@
+"""Starting brokers and workers: the embedded Redis, local Celery workers (SLURM jobs next)."""
