@@ -26,8 +26,9 @@ def demo(
 ) -> None:
     """Write a realistic small dataset (LaB6 rings, bitshuffle-LZ4 Lima files) and run it."""
     spec = DemoSpec(str(folder.resolve()), scans, files, frames, detector, lima_name, unit, n_pts)
-    err.print(f"writing {scans} scans x {files} files x {frames} frames of {detector} "
-              f"into {folder}")
+    err.print(
+        f"writing {scans} scans x {files} files x {frames} frames of {detector} into {folder}"
+    )
     written = write_demo(spec)
     err.print(f"dataset: {written.dataset}\nconfig:  {written.config}")
     if not run:

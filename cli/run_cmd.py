@@ -63,20 +63,28 @@ def _run_with_progress(config: Config, plan: JobPlan, quiet: bool) -> JobSummary
     for output in plan.skipped:
         err.print(f"skipped (existing_output = {config.output.existing_output}): {output}")
     columns = (
-        TextColumn("{task.description}"), BarColumn(),
-        TextColumn("{task.fields[files]} files  {task.completed:.0f}/{task.total:.0f} frames  "
-                   "{task.fields[rate]:.1f} frames/s  {task.fields[failed]} failed"),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn(
+            "{task.fields[files]} files  {task.completed:.0f}/{task.total:.0f} frames  "
+            "{task.fields[rate]:.1f} frames/s  {task.fields[failed]} failed"
+        ),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=err, disable=quiet, transient=False) as bar:
-        task = bar.add_task(f"job {plan.job_id}", total=plan.n_frames, files="0/0", rate=0.0,
-                            failed=0)
+        task = bar.add_task(
+            f"job {plan.job_id}", total=plan.n_frames, files="0/0", rate=0.0, failed=0
+        )
         n_files = len(plan.file_tasks)
 
         def update(progress, elapsed: float) -> None:
-            bar.update(task, completed=progress.frames_done, failed=progress.files_failed,
-                       files=f"{progress.files_done}/{n_files}",
-                       rate=progress.frames_done / elapsed if elapsed > 0 else 0.0)
+            bar.update(
+                task,
+                completed=progress.frames_done,
+                failed=progress.files_failed,
+                files=f"{progress.files_done}/{n_files}",
+                rate=progress.frames_done / elapsed if elapsed > 0 else 0.0,
+            )
 
         return run_plan(config, plan, update)
 
@@ -85,8 +93,10 @@ def _report(summary: JobSummary, as_json: bool) -> None:
     for failure in summary.files_failed:
         err.print(f"[red]failed:[/] {failure['message']}")
     rate = summary.frames / summary.seconds if summary.seconds else 0.0
-    err.print(f"{summary.files_done}/{summary.files_total} files, {summary.frames} frames in "
-              f"{summary.seconds:.1f} s ({rate:.1f} frames/s)")
+    err.print(
+        f"{summary.files_done}/{summary.files_total} files, {summary.frames} frames in "
+        f"{summary.seconds:.1f} s ({rate:.1f} frames/s)"
+    )
     if as_json:
         typer.echo(json.dumps(summary.as_dict()))
     else:

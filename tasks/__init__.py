@@ -1,3 +1,3 @@
-"""Everything that runs on a worker: Celery app, configuration, discovery, engine, readers, writers."""
+"""Everything that runs on a worker: Celery app, config, discovery, engine, readers, writers."""
 
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ and its partials are kept for a later requeue.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -35,18 +36,28 @@ def assemble_scan(results: list[dict], payload: dict) -> dict:
         if not isinstance(exc, RingflowError):
             log.exception("unexpected error assembling %s", scan.scan_key)
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return {"status": "failed", "scan": scan.scan_key, "error": type(exc).__name__,
-                "message": f"{scan.output}: {message}" if scan.output not in message else message}
+        return {
+            "status": "failed",
+            "scan": scan.scan_key,
+            "error": type(exc).__name__,
+            "message": f"{scan.output}: {message}" if scan.output not in message else message,
+        }
     _remove_partials(scan.partials)
-    return {"status": "done", "scan": scan.scan_key, "output": scan.output,
-            "frames": int(result.intensity.shape[0])}
+    return {
+        "status": "done",
+        "scan": scan.scan_key,
+        "output": scan.output,
+        "frames": int(result.intensity.shape[0]),
+    }
 
 
 def build_result(scan: ScanTask, config) -> ScanResult:
     parts = [read_partial(path) for path in scan.partials]
     intensity = np.concatenate([p.intensity for p in parts])
     if intensity.shape[0] != scan.n_frames:
-        raise RingflowError(f"{scan.scan_key}: {intensity.shape[0]} rows for {scan.n_frames} frames")
+        raise RingflowError(
+            f"{scan.scan_key}: {intensity.shape[0]} rows for {scan.n_frames} frames"
+        )
     sigma = None if parts[0].sigma is None else np.concatenate([p.sigma for p in parts])
     return ScanResult(
         entry=scan.entry or "entry_0000",
@@ -91,8 +102,13 @@ def _versions() -> dict:
 
     from . import __version__
 
-    return {"ringflow": __version__, "pyFAI": pyFAI.version, "h5py": h5py.__version__,
-            "numpy": np.__version__, "celery": celery.__version__}
+    return {
+        "ringflow": __version__,
+        "pyFAI": pyFAI.version,
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+        "celery": celery.__version__,
+    }
 
 
 def _metadata(scan: ScanTask, wanted: tuple[str, ...]) -> dict:
@@ -105,8 +121,10 @@ def _metadata(scan: ScanTask, wanted: tuple[str, ...]) -> dict:
         for key in ("title", "start_time", "end_time"):
             if key in entry:
                 meta[key] = _scalar(entry[key][()])
-        for group, target in (("instrument/positioners", "positioners"),
-                              ("measurement", "measurement")):
+        for group, target in (
+            ("instrument/positioners", "positioners"),
+            ("measurement", "measurement"),
+        ):
             if group not in entry:
                 continue
             for name, obj in entry[group].items():
@@ -128,13 +146,9 @@ def _scalar(value):
 
 def _remove_partials(paths: list[str]) -> None:
     for path in paths:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
     folders = {os.path.dirname(p) for p in paths}
     for folder in folders:
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(folder)
-        except OSError:
-            pass

@@ -161,9 +161,9 @@ def _error_model(value: str) -> str:
 
 
 def _pixel_splitting(value: str) -> str:
-    return _choice(
-        "no", "bbox", "pseudo", "full", aliases={"0": "no", "": "no", "none": "no"}
-    )(value)
+    return _choice("no", "bbox", "pseudo", "full", aliases={"0": "no", "": "no", "none": "no"})(
+        value
+    )
 
 
 def _average_xy(value: str) -> str:
@@ -243,7 +243,9 @@ class IntegrationConfig:
         "Suffix after the detector name in measurement/ (e.g. raw_frame -> pilatus_raw_frame).",
         "",
     )
-    mask_file: str = option("mask_file", _text, "Mask image (non-zero = masked), any fabio format.", "")
+    mask_file: str = option(
+        "mask_file", _text, "Mask image (non-zero = masked), any fabio format.", ""
+    )
     flatfield_file: str = option("flatfield_file", _text, "Flat-field image (fabio format).", "")
     dark_file: str = option("dark_file", _text, "Dark-current image (fabio format).", "")
     error_model: str = option(
@@ -292,7 +294,10 @@ class IntegrationConfig:
         "",
     )
     average_xy: str = option(
-        "average_xy", _average_xy, "Also store the mean or median over frames (0, mean, median).", ""
+        "average_xy",
+        _average_xy,
+        "Also store the mean or median over frames (0, mean, median).",
+        "",
     )
     pixel_splitting: str = option(
         "pixel_splitting", _pixel_splitting, "Pixel splitting: no, bbox, pseudo, full.", "no"
@@ -361,7 +366,10 @@ class OutputConfig:
         "partial_files_subfolder", _text, "Subfolder of the output folder for partial files.", ""
     )
     file_mode: int = option(
-        "file_mode", _octal, "Permissions of created output folders (octal).", 0o755,
+        "file_mode",
+        _octal,
+        "Permissions of created output folders (octal).",
+        0o755,
         fmt=lambda mode: format(mode, "o"),
     )
     try_metadata: tuple[str, ...] = option(
@@ -438,14 +446,14 @@ class Config:
     def from_file(cls, path: str | os.PathLike) -> Config:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError("-", "-", str(path), "configuration file not found")
+            raise ConfigError("", "", str(path), "configuration file not found")
         parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
         parser.optionxform = str  # keep the keys' case for messages
         try:
             parser.read(path, encoding="utf-8")
         except (configparser.Error, UnicodeDecodeError) as exc:
             first_line = str(exc).splitlines()[0]
-            raise ConfigError("-", "-", str(path), f"not a valid INI file: {first_line}") from None
+            raise ConfigError("", "", str(path), f"not a valid INI file: {first_line}") from None
         mapping = {name: dict(parser.items(name)) for name in parser.sections()}
         return cls.from_mapping(mapping, source=str(path.resolve()))
 
@@ -555,8 +563,11 @@ def _check_supported(config: Config) -> None:
         )
     if ai.sensor_thickness_cm <= 0:
         raise ConfigError(
-            "azimuthal integration", "sensor_thickness_cm", ai.sensor_thickness_cm,
-            "must be > 0", config.source,
+            "azimuthal integration",
+            "sensor_thickness_cm",
+            ai.sensor_thickness_cm,
+            "must be > 0",
+            config.source,
         )
     if not config.output.repack_output:
         raise ConfigError(

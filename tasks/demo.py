@@ -70,8 +70,14 @@ def _geometry(spec: DemoSpec):
     rows, cols = detector.shape
     p1, p2 = detector.pixel1, detector.pixel2
     return AzimuthalIntegrator(
-        dist=spec.distance, poni1=0.47 * rows * p1, poni2=0.53 * cols * p2,
-        rot1=0.01, rot2=-0.005, rot3=0.0, detector=detector, wavelength=spec.wavelength,
+        dist=spec.distance,
+        poni1=0.47 * rows * p1,
+        poni2=0.53 * cols * p2,
+        rot1=0.01,
+        rot2=-0.005,
+        rot3=0.0,
+        detector=detector,
+        wavelength=spec.wavelength,
     )
 
 
@@ -123,8 +129,11 @@ def _write_scan(h5: h5py.File, raw: Path, number: int, spec: DemoSpec, ideal, rn
         lima = scan_dir / f"{spec.lima_name}_{index:04d}.h5"
         rows = slice(index * spec.frames_per_file, (index + 1) * spec.frames_per_file)
         _write_lima(lima, spec.lima_name, ideal, monitor[rows], rng)
-        source = h5py.VirtualSource(f"scan{number:04d}/{lima.name}", "/entry_0000/measurement/data",
-                                    shape=(spec.frames_per_file, *ideal.shape))
+        source = h5py.VirtualSource(
+            f"scan{number:04d}/{lima.name}",
+            "/entry_0000/measurement/data",
+            shape=(spec.frames_per_file, *ideal.shape),
+        )
         layout[rows] = source
     entry = h5.create_group(f"{number}.1")
     entry.attrs["NX_class"] = "NXentry"
@@ -146,8 +155,11 @@ def _write_scan(h5: h5py.File, raw: Path, number: int, spec: DemoSpec, ideal, rn
 def _write_lima(path: Path, name: str, ideal: np.ndarray, monitor: np.ndarray, rng) -> None:
     with h5py.File(path, "w") as h5:
         data = h5.create_dataset(
-            "/entry_0000/measurement/data", shape=(len(monitor), *ideal.shape), dtype=np.int32,
-            chunks=(1, *ideal.shape), **hdf5plugin.Bitshuffle(cname="lz4"),
+            "/entry_0000/measurement/data",
+            shape=(len(monitor), *ideal.shape),
+            dtype=np.int32,
+            chunks=(1, *ideal.shape),
+            **hdf5plugin.Bitshuffle(cname="lz4"),
         )
         for i, mon in enumerate(monitor):
             data[i] = rng.poisson(ideal * (mon / MONITOR_MEAN)).astype(np.int32)

@@ -190,8 +190,10 @@ def _resolve_group(h5: h5py.File, path: str, data_path: str):
             raise InputDataError(path, f"{data_path}/{name}: frame shape {part_shape} != {shape}")
         shape = part_shape
         offset = sum(s.n_frames for s in slices)
-        slices += [LimaSlice(s.path, s.dataset, s.src_start, s.n_frames, offset + s.scan_start)
-                   for s in parts]
+        slices += [
+            LimaSlice(s.path, s.dataset, s.src_start, s.n_frames, offset + s.scan_start)
+            for s in parts
+        ]
     if not slices:
         raise DiscoveryError(path, f"{data_path} is an empty group")
     return slices, shape
@@ -242,7 +244,9 @@ def _frames_dataset(obj, path: str, data_path: str) -> h5py.Dataset:
     if not isinstance(obj, h5py.Dataset):
         raise InputDataError(path, f"{data_path} is not a dataset")
     if obj.ndim != 3:
-        raise InputDataError(path, f"{data_path} has shape {obj.shape}, expected frames x rows x cols")
+        raise InputDataError(
+            path, f"{data_path} has shape {obj.shape}, expected frames x rows x cols"
+        )
     return obj
 
 
@@ -259,8 +263,9 @@ def _monitor(h5: h5py.File, entry: str, name: str, scan: Scan) -> tuple[float, .
 
 
 def _source_path(master: str, name: str) -> str:
-    return os.path.normpath(name if os.path.isabs(name) else
-                            os.path.join(os.path.dirname(master), name))
+    return os.path.normpath(
+        name if os.path.isabs(name) else os.path.join(os.path.dirname(master), name)
+    )
 
 
 def _natural_key(name: str):

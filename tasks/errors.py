@@ -28,7 +28,10 @@ class ConfigError(RingflowError):
             path,
         )
         where = f"{path}: " if path else ""
-        super().__init__(f"{where}[{section}] {key} = {value!r}: {reason}")
+        if not section:  # the file as a whole
+            super().__init__(f"{value}: {reason}")
+        else:
+            super().__init__(f"{where}[{section}] {key} = {value!r}: {reason}")
 
 
 class DiscoveryError(RingflowError):

@@ -37,7 +37,7 @@ def integrate_file(payload: dict) -> dict:
 
 def _integrate(task: FileTask, client) -> int:
     from .engine import engine_for  # pyFAI loads here, in the worker's child process
-    from .readers import open_frames, iter_batches
+    from .readers import iter_batches, open_frames
     from .writers import Partial, write_partial
 
     engine = engine_for(task.config_obj())

@@ -16,9 +16,10 @@ from celery import chord
 from . import keys, registry
 from .config import Config
 from .discovery import Scan, discover
-from .errors import DiscoveryError, InputDataError, OutputError, RingflowError
+from .errors import DiscoveryError, InputDataError, RingflowError
 from .outputs import must_process, output_path, workspace
 from .payloads import FileTask, ScanTask
+from .writers import make_dirs
 
 
 @dataclass
@@ -45,25 +46,43 @@ def plan_job(
     """Discover the scans and build every payload; problems are collected, not raised."""
     job_id = job_id or uuid.uuid4().hex[:12]
     found = discover(config)
-    outputs = [output_path(config, scan) for scan in found.scans]
-    plan = JobPlan(job_id, config, workspace(config, outputs[0] if outputs else None))
-    plan.problems += found.problems
     fingerprint = config.integration_fingerprint()
-    for scan, output in zip(found.scans, outputs):
-        if detector_shape and tuple(scan.frame_shape) != tuple(detector_shape):
-            plan.problems.append(InputDataError(
-                scan.slices[0].path, f"frames are {tuple(scan.frame_shape)}, the detector of "
-                f"the PONI/[azimuthal integration] detector is {tuple(detector_shape)}"))
-            continue
+    todo, skipped, problems = [], [], list(found.problems)
+    for scan in found.scans:
         try:
-            if not must_process(config, output, fingerprint):
-                plan.skipped.append(output)
-                continue
-        except OutputError as exc:
-            plan.problems.append(exc)
+            output = _output_if_needed(config, scan, detector_shape, fingerprint)
+        except RingflowError as exc:
+            problems.append(exc)
             continue
+        if output:
+            todo.append((scan, output))
+        else:
+            skipped.append(output_path(config, scan))
+    plan = JobPlan(
+        job_id,
+        config,
+        workspace(config, todo[0][1] if todo else None),
+        skipped=skipped,
+        problems=problems,
+    )
+    for scan, output in todo:
         plan.scans.append(_scan_payloads(plan, scan, output, fingerprint))
     return plan
+
+
+def _output_if_needed(config: Config, scan: Scan, shape, fingerprint: str) -> str | None:
+    """The output path if the scan must be processed, None if existing_output keeps it."""
+    if shape and tuple(scan.frame_shape) != tuple(shape):
+        raise InputDataError(
+            scan.slices[0].path,
+            f"frames are {tuple(scan.frame_shape)}, the detector of the "
+            f"PONI / [azimuthal integration] detector is {tuple(shape)}",
+        )
+    output = output_path(config, scan)
+    if not must_process(config, output, fingerprint):
+        return None
+    make_dirs(os.path.dirname(output), config.output.file_mode)
+    return output
 
 
 def _scan_payloads(plan: JobPlan, scan: Scan, output: str, fingerprint: str):
@@ -77,18 +96,36 @@ def _scan_payloads(plan: JobPlan, scan: Scan, output: str, fingerprint: str):
         monitor = None
         if scan.monitor is not None:
             monitor = list(scan.monitor[piece.scan_start : piece.scan_start + piece.n_frames])
-        files.append(FileTask(
-            job_id=plan.job_id, task_id=f"{plan.job_id}-{scan_index:04d}-{index:04d}",
-            prefix=prefix, scan_key=scan.key, index=index, path=piece.path,
-            dataset=piece.dataset, src_start=piece.src_start, n_frames=piece.n_frames,
-            scan_start=piece.scan_start,
-            partial=os.path.join(partial_dir, f"{index:04d}_{stem}_{piece.src_start}.h5"),
-            config=mapping, config_source=config.source, monitor=monitor,
-        ))
+        files.append(
+            FileTask(
+                job_id=plan.job_id,
+                task_id=f"{plan.job_id}-{scan_index:04d}-{index:04d}",
+                prefix=prefix,
+                scan_key=scan.key,
+                index=index,
+                path=piece.path,
+                dataset=piece.dataset,
+                src_start=piece.src_start,
+                n_frames=piece.n_frames,
+                scan_start=piece.scan_start,
+                partial=os.path.join(partial_dir, f"{index:04d}_{stem}_{piece.src_start}.h5"),
+                config=mapping,
+                config_source=config.source,
+                monitor=monitor,
+            )
+        )
     scan_task = ScanTask(
-        job_id=plan.job_id, prefix=prefix, scan_key=scan.key, master=scan.master,
-        entry=scan.entry, label=scan.label, output=output, n_frames=scan.n_frames,
-        partials=[f.partial for f in files], config=mapping, config_source=config.source,
+        job_id=plan.job_id,
+        prefix=prefix,
+        scan_key=scan.key,
+        master=scan.master,
+        entry=scan.entry,
+        label=scan.label,
+        output=output,
+        n_frames=scan.n_frames,
+        partials=[f.partial for f in files],
+        config=mapping,
+        config_source=config.source,
         fingerprint=fingerprint,
     )
     return scan_task, files
@@ -96,8 +133,11 @@ def _scan_payloads(plan: JobPlan, scan: Scan, output: str, fingerprint: str):
 
 def _partial_dir(plan: JobPlan, scan: Scan, output: str) -> str:
     sub = plan.config.output.partial_files_subfolder
-    base = (os.path.join(os.path.dirname(output), sub) if sub
-            else os.path.join(plan.workspace, "partials"))
+    base = (
+        os.path.join(os.path.dirname(output), sub)
+        if sub
+        else os.path.join(plan.workspace, "partials")
+    )
     return os.path.join(base, plan.job_id, os.path.splitext(os.path.basename(output))[0])
 
 
@@ -147,6 +187,8 @@ def _stop_result_subscriptions(app) -> None:
 def check_plan(plan: JobPlan) -> None:
     """Raise the first problem when nothing at all can be processed."""
     if not plan.scans and not plan.skipped:
-        raise plan.problems[0] if plan.problems else DiscoveryError(
-            ", ".join(plan.config.dataset.location), "no scan found"
+        raise (
+            plan.problems[0]
+            if plan.problems
+            else DiscoveryError(", ".join(plan.config.dataset.location), "no scan found")
         )

@@ -51,8 +51,8 @@ def iter_batches(
             yield first, dset[first:last]
         except OSError as exc:
             raise InputDataError(
-                dset.file.filename, f"frames {first}-{last - 1} of {dset.name} unreadable: "
-                f"{_reason(exc)}"
+                dset.file.filename,
+                f"frames {first}-{last - 1} of {dset.name} unreadable: {_reason(exc)}",
             ) from None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -54,10 +54,8 @@ def make_dirs(folder: str, mode: int = 0o755) -> None:
 
 
 def _remove(path: str) -> None:
-    try:
+    with suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 # --- partial results of one Lima file -----------------------------------------------------------
@@ -126,8 +124,11 @@ class ScanResult:
 def write_nexus(path: str, result: ScanResult, dir_mode: int = 0o755) -> None:
     with atomic_h5(path, dir_mode) as h5:
         h5.attrs.update(
-            NX_class="NXroot", default=result.entry, creator="ringflow",
-            file_time=_now(), ringflow_fingerprint=result.fingerprint,
+            NX_class="NXroot",
+            default=result.entry,
+            creator="ringflow",
+            file_time=_now(),
+            ringflow_fingerprint=result.fingerprint,
         )
         entry = _group(h5, result.entry, "NXentry", default="integrated")
         for key in ("title", "start_time", "end_time"):
@@ -209,8 +210,15 @@ def _group(parent: h5py.Group, name: str, nx_class: str, **attrs) -> h5py.Group:
 
 
 def _unit_of(unit: str) -> str:
-    return {"2th_deg": "deg", "2th_rad": "rad", "q_nm^-1": "1/nm", "q_A^-1": "1/angstrom",
-            "r_mm": "mm", "r_m": "m", "chi_deg": "deg"}.get(unit, unit.split("_", 1)[-1])
+    return {
+        "2th_deg": "deg",
+        "2th_rad": "rad",
+        "q_nm^-1": "1/nm",
+        "q_A^-1": "1/angstrom",
+        "r_mm": "mm",
+        "r_m": "m",
+        "chi_deg": "deg",
+    }.get(unit, unit.split("_", 1)[-1])
 
 
 def _now() -> str:

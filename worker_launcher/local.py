@@ -7,6 +7,7 @@ pyFAI engines; the broker URL reaches them through the environment only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -56,15 +57,21 @@ class LocalWorkers:
                 worker.process.wait(5)
 
 
-def start_local_workers(config: Config, broker_url: str, log_dir: str, slot: int = 0) -> LocalWorkers:
+def start_local_workers(
+    config: Config, broker_url: str, log_dir: str, slot: int = 0
+) -> LocalWorkers:
     """One integration worker on the queue of GPU slot ``slot`` and one assembly worker."""
     comp, prefix = config.computations, config.queue.queue_prefix
     os.makedirs(log_dir, exist_ok=True)
     tag = uuid.uuid4().hex[:6]
     workers = LocalWorkers()
     specs = [
-        (f"gpu{slot}", keys.gpu_queue(prefix, slot), comp.ai_engines_per_worker,
-         comp.cores_per_worker),
+        (
+            f"gpu{slot}",
+            keys.gpu_queue(prefix, slot),
+            comp.ai_engines_per_worker,
+            comp.cores_per_worker,
+        ),
         ("assemble", keys.assemble_queue(prefix), 1, comp.cores_per_worker),
     ]
     for role, queue, concurrency, threads in specs:
@@ -73,8 +80,14 @@ def start_local_workers(config: Config, broker_url: str, log_dir: str, slot: int
         command = worker_command(queue, concurrency, name, config.pipeline.verbosity)
         env = worker_env(broker_url, threads, config.queue.task_time_limit)
         with open(log, "ab") as out:
-            process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(
+                command,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         workers.workers.append(WorkerProcess(name, log, process))
     return workers
 
@@ -82,9 +95,22 @@ def start_local_workers(config: Config, broker_url: str, log_dir: str, slot: int
 def worker_command(queue: str, concurrency: int, name: str, verbosity: int = 2) -> list[str]:
     level = {0: "WARNING", 1: "WARNING", 2: "INFO", 3: "DEBUG"}.get(verbosity, "INFO")
     return [
-        sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "--pool=prefork",
-        f"--concurrency={concurrency}", "-Q", queue, "-n", name, "--without-gossip",
-        "--without-mingle", f"--loglevel={level}", "-E",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tasks.app",
+        "worker",
+        "--pool=prefork",
+        f"--concurrency={concurrency}",
+        "-Q",
+        queue,
+        "-n",
+        name,
+        "--without-gossip",
+        "--without-mingle",
+        f"--loglevel={level}",
+        "-E",
     ]
 
 
@@ -100,7 +126,5 @@ def worker_env(broker_url: str, threads: int, time_limit: int) -> dict[str, str]
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

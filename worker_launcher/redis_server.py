@@ -68,12 +68,14 @@ def start_embedded_redis(folder: str, persistent: bool = False) -> EmbeddedRedis
     for _ in range(3):  # a free port can be taken between probing and binding
         port = _free_port()
         conf = _write_conf(folder, port, password, persistent)
-        log = open(os.path.join(folder, "redis.log"), "ab")
-        process = subprocess.Popen(
-            [redis_executable(), conf], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        log.close()
+        with open(os.path.join(folder, "redis.log"), "ab") as log:
+            process = subprocess.Popen(
+                [redis_executable(), conf],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         server = EmbeddedRedis(folder, port, password, process)
         last_error = _wait_ready(server)
         if not last_error:
@@ -91,9 +93,16 @@ def _free_port() -> int:
 def _write_conf(folder: str, port: int, password: str, persistent: bool) -> str:
     path = os.path.join(folder, "redis.conf")
     lines = [
-        f"port {port}", "bind 127.0.0.1", "protected-mode yes", f"requirepass {password}",
-        f'dir "{os.path.abspath(folder)}"', "maxmemory-policy noeviction", "daemonize no",
-        'save ""', f"appendonly {'yes' if persistent else 'no'}", "loglevel warning",
+        f"port {port}",
+        "bind 127.0.0.1",
+        "protected-mode yes",
+        f"requirepass {password}",
+        f'dir "{os.path.abspath(folder)}"',
+        "maxmemory-policy noeviction",
+        "daemonize no",
+        'save ""',
+        f"appendonly {'yes' if persistent else 'no'}",
+        "loglevel warning",
     ]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -102,8 +111,9 @@ def _write_conf(folder: str, port: int, password: str, persistent: bool) -> str:
 
 
 def _wait_ready(server: EmbeddedRedis) -> str:
-    client = redis.Redis(host="127.0.0.1", port=server.port, password=server.password,
-                         socket_connect_timeout=1)
+    client = redis.Redis(
+        host="127.0.0.1", port=server.port, password=server.password, socket_connect_timeout=1
+    )
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if server.process.poll() is not None:

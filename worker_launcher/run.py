@@ -43,9 +43,13 @@ class JobSummary:
 
     def as_dict(self) -> dict:
         return {
-            "job_id": self.job_id, "files_total": self.files_total,
-            "files_done": self.files_done, "files_failed": self.files_failed,
-            "frames": self.frames, "outputs": self.outputs, "skipped": self.skipped,
+            "job_id": self.job_id,
+            "files_total": self.files_total,
+            "files_done": self.files_done,
+            "files_failed": self.files_failed,
+            "frames": self.frames,
+            "outputs": self.outputs,
+            "skipped": self.skipped,
             "seconds": round(self.seconds, 3),
         }
 
@@ -87,10 +91,12 @@ def run_plan(
 ) -> JobSummary:
     """Integrate every scan of ``plan`` on local workers and wait for the outputs."""
     start = time.monotonic()
-    summary = JobSummary(plan.job_id, len(plan.file_tasks) + len(plan.problems),
-                         skipped=list(plan.skipped))
-    summary.files_failed += [{"file": getattr(p, "path", ""), "message": str(p)}
-                             for p in plan.problems]
+    summary = JobSummary(
+        plan.job_id, len(plan.file_tasks) + len(plan.problems), skipped=list(plan.skipped)
+    )
+    summary.files_failed += [
+        {"file": getattr(p, "path", ""), "message": str(p)} for p in plan.problems
+    ]
     if plan.scans:
         with local_services(config, plan.workspace) as (app, workers):
             results = submit(app, plan)
@@ -119,23 +125,28 @@ def _watch(app, plan: JobPlan, results: dict, workers: LocalWorkers, on_progress
         if state != last_state:
             last_state, last_change = state, now
         for worker in workers.dead():
-            raise WorkerError(f"worker {worker.name} exited (log {worker.log}): "
-                              f"{worker.log_tail(3)}")
+            raise WorkerError(
+                f"worker {worker.name} exited (log {worker.log}): {worker.log_tail(3)}"
+            )
         if pending and now - last_change > stall:
-            raise WorkerError(f"no progress for {stall} s ([queue] stall_timeout); "
-                              f"worker logs in {os.path.dirname(workers.workers[0].log)}")
+            raise WorkerError(
+                f"no progress for {stall} s ([queue] stall_timeout); "
+                f"worker logs in {os.path.dirname(workers.workers[0].log)}"
+            )
         if pending:
             time.sleep(POLL_S)
     return outcomes
 
 
 def _summarise(summary: JobSummary, app, plan: JobPlan, outcomes: dict) -> None:
-    progress = registry.read_progress(app.backend.client, plan.config.queue.queue_prefix,
-                                      plan.job_id)
+    progress = registry.read_progress(
+        app.backend.client, plan.config.queue.queue_prefix, plan.job_id
+    )
     summary.files_done = progress.files_done
     summary.frames = progress.frames_done
-    summary.files_failed += [{"file": f["file"], "message": f["message"]}
-                             for f in progress.failures.values()]
+    summary.files_failed += [
+        {"file": f["file"], "message": f["message"]} for f in progress.failures.values()
+    ]
     for scan, _ in plan.scans:
         outcome = outcomes.get(scan.scan_key)
         if isinstance(outcome, dict) and outcome.get("status") == "done":

@@ -1,0 +1,57 @@
+"""Shared fixtures: small demo datasets and a helper that runs the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.demo import DemoSpec, write_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300):
+    """Run ``ringflow ARGS`` as a user would: a fresh process, real services."""
+    full_env = {k: v for k, v in os.environ.items() if k != "RINGFLOW_BROKER_URL"}
+    full_env.update(PYTHONPATH=str(ROOT), COLUMNS="200", **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "cli.main", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=ROOT,
+    )
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def edit_config(path: str | Path, changes: dict[str, dict[str, str]], out: str | Path) -> Path:
+    """Copy an INI file with some keys set (sections created as needed)."""
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
+    parser.read(path)
+    for section, values in changes.items():
+        if not parser.has_section(section):
+            parser.add_section(section)
+        for key, value in values.items():
+            parser.set(section, key, value)
+    with open(out, "w") as fh:
+        parser.write(fh)
+    return Path(out)
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory):
+    """2 scans x 2 Lima files x 4 Pilatus-1M frames, with its PONI, mask and config."""
+    root = tmp_path_factory.mktemp("demo")
+    return write_demo(DemoSpec(str(root), scans=2, files_per_scan=2, frames_per_file=4))

@@ -1,0 +1,197 @@
+"""End to end through the real CLI, a real Redis and real prefork Celery workers.
+
+Every output row is compared with pyFAI's own integrate1d_ng / integrate2d_ng on the same
+frame, called here with the parameters written out explicitly.
+"""
+
+from __future__ import annotations
+
+import fabio
+import h5py
+import numpy as np
+import pyFAI
+import pytest
+import redis
+from pyFAI.calibrant import get_calibrant
+from pyFAI.detectors.sensors import ALL_MATERIALS
+
+from tasks.discovery import LIMA_DATASET
+from worker_launcher.redis_server import start_embedded_redis
+
+from .conftest import edit_config, last_json, run_cli
+
+pytestmark = pytest.mark.service
+
+
+def scan_frames(master: str, entry: str):
+    """(frames, source file names, monitor) of a demo scan, read straight from the Lima files."""
+    with h5py.File(master) as h5:
+        sources = sorted({v.file_name for v in h5[f"{entry}/measurement/pilatus"].virtual_sources()})
+        monitor = h5[f"{entry}/measurement/mon"][()]
+    folder = master.rsplit("/", 1)[0]
+    frames = []
+    for name in sources:
+        with h5py.File(f"{folder}/{name}") as lima:
+            frames += list(lima[LIMA_DATASET][()])
+    return frames, [f"{folder}/{n}" for n in sources], monitor
+
+
+def run_ok(config_path) -> dict:
+    result = run_cli("run", config_path, "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    return last_json(result.stdout)
+
+
+def read_output(path: str, entry: str):
+    with h5py.File(path) as h5:
+        data = h5[f"{entry}/integrated"]
+        return {name: data[name][()] for name in data}, dict(data.attrs)
+
+
+def assert_rows_equal(output: dict, references: list):
+    assert output["intensity"].shape[0] == len(references)
+    for row, ref in enumerate(references):
+        np.testing.assert_allclose(output["intensity"][row], ref.intensity, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(output["errors"][row], ref.sigma, rtol=1e-4, atol=1e-9)
+
+
+def peak_positions(x: np.ndarray, y: np.ndarray, n: int) -> list[float]:
+    """Centroids of the n strongest well-separated peaks, above a local background."""
+    from scipy.signal import find_peaks
+
+    idx, _ = find_peaks(y, prominence=0.05 * np.nanmax(y), distance=10)
+    idx = sorted(idx[np.argsort(y[idx])[::-1][:n]])
+    centres = []
+    for i in idx:
+        window = slice(i - 4, i + 5)
+        w = y[window] - np.min(y[window])
+        centres.append(float(np.sum(x[window] * w) / np.sum(w)))
+    return centres
+
+
+def test_2th_bbox_with_monitor_equals_pyfai(small_demo, tmp_path):
+    config = edit_config(small_demo.config, {"output": {"location": str(tmp_path / "out")}},
+                         tmp_path / "c.ini")
+    summary = run_ok(config)
+    assert summary["files_total"] == 4 and summary["files_done"] == 4
+    assert summary["files_failed"] == [] and summary["frames"] == 16
+    assert len(summary["outputs"]) == 2 and summary["job_id"] and summary["seconds"] > 0
+    ai = pyFAI.load(small_demo.poni)
+    mask = fabio.open(small_demo.mask).data
+    for output, entry in zip(sorted(summary["outputs"]), ("1.1", "2.1")):
+        frames, sources, monitor = scan_frames(small_demo.dataset, entry)
+        refs = [
+            ai.integrate1d_ng(frame, 1000, unit="2th_deg", method=("bbox", "csr", "cython"),
+                              mask=mask, polarization_factor=0.99, correctSolidAngle=True,
+                              error_model="poisson", normalization_factor=float(monitor[i]))
+            for i, frame in enumerate(frames)
+        ]
+        data, attrs = read_output(output, entry)
+        assert_rows_equal(data, refs)
+        np.testing.assert_allclose(data["2th_deg"], refs[0].radial, rtol=1e-6)
+        # frame order and provenance: 4 frames of file 0, then 4 of file 1
+        assert [s.decode() for s in data["source_file"]] == [sources[0]] * 4 + [sources[1]] * 4
+        assert list(data["source_frame"]) == [0, 1, 2, 3, 0, 1, 2, 3]
+        assert attrs["signal"] == "intensity"
+        with h5py.File(output) as h5:
+            assert h5[f"{entry}/measurement/mon"].shape == (8,)
+            assert "LaB6" in h5["/"].attrs["default"] or h5["/"].attrs["default"] == entry
+            assert "[azimuthal integration]" in h5[f"{entry}/ai/configuration/data"][()].decode()
+
+
+def test_lab6_peaks_at_calibrant_positions(small_demo, tmp_path):
+    config = edit_config(small_demo.config, {"output": {"location": str(tmp_path / "out")},
+                                             "azimuthal integration": {"n_pts": "3000"}},
+                         tmp_path / "c.ini")
+    summary = run_ok(config)
+    data, _ = read_output(sorted(summary["outputs"])[0], "1.1")
+    mean = np.nanmean(data["intensity"], axis=0)
+    calibrant = get_calibrant("LaB6")
+    calibrant.wavelength = pyFAI.load(small_demo.poni).wavelength
+    expected = np.degrees(calibrant.get_2th())
+    found = peak_positions(data["2th_deg"], mean, 5)
+    assert len(found) == 5
+    for position in found:
+        assert np.min(np.abs(expected - position)) < 0.02, (position, expected[:8])
+
+
+def write_image(path, data):
+    fabio.edfimage.EdfImage(data=data.astype(np.float32)).write(str(path))
+    return str(path)
+
+
+def test_q_with_mask_dark_flat_polarization_attenuation(small_demo, tmp_path):
+    rng = np.random.default_rng(1)
+    shape = (1043, 981)
+    dark = write_image(tmp_path / "dark.edf", rng.uniform(0, 0.5, shape))
+    flat = write_image(tmp_path / "flat.edf", rng.uniform(0.9, 1.1, shape))
+    config = edit_config(small_demo.config, {
+        "output": {"location": str(tmp_path / "out")},
+        "azimuthal integration": {
+            "unit": "q_nm^-1", "n_pts": "800", "dark_file": dark, "flatfield_file": flat,
+            "polarization_factor": "0.95", "pixel_splitting": "no", "monitor_name": "",
+            "correct_detector_attenuation": "1", "radial_range": "(5, 60)",
+        },
+        "dataset": {"hdf5_entry": "2.1"},
+    }, tmp_path / "c.ini")
+    summary = run_ok(config)
+    (output,) = summary["outputs"]
+    ai = pyFAI.load(small_demo.poni)
+    mu = ALL_MATERIALS["CdTe"].mu(ai.energy, "cm^-1") * 0.1
+    absorption = (1 - np.exp(-mu / np.cos(ai.twoThetaArray()))) / (1 - np.exp(-mu))
+    frames, _, _ = scan_frames(small_demo.dataset, "2.1")
+    refs = [
+        ai.integrate1d_ng(frame, 800, unit="q_nm^-1", method=("no", "csr", "cython"),
+                          mask=fabio.open(small_demo.mask).data, dark=fabio.open(dark).data,
+                          flat=fabio.open(flat).data, polarization_factor=0.95,
+                          absorption=absorption, correctSolidAngle=True, error_model="poisson",
+                          radial_range=(5, 60))
+        for frame in frames
+    ]
+    data, attrs = read_output(output, "2.1")
+    assert_rows_equal(data, refs)
+    assert "q_nm^-1" in data and list(attrs["axes"]) == [".", "q_nm^-1"]
+
+
+def test_2d_caking_equals_integrate2d_ng(small_demo, tmp_path):
+    config = edit_config(small_demo.config, {
+        "output": {"location": str(tmp_path / "out")},
+        "azimuthal integration": {"azimuthal_range": "(-180, 180, 36)", "n_pts": "300",
+                                  "unit": "q_A^-1", "monitor_name": ""},
+        "dataset": {"hdf5_entry": "1.1"},
+    }, tmp_path / "c.ini")
+    summary = run_ok(config)
+    (output,) = summary["outputs"]
+    ai = pyFAI.load(small_demo.poni)
+    frames, _, _ = scan_frames(small_demo.dataset, "1.1")
+    refs = [
+        ai.integrate2d_ng(frame, 300, 36, unit="q_A^-1", method=("bbox", "csr", "cython"),
+                          mask=fabio.open(small_demo.mask).data, polarization_factor=0.99,
+                          correctSolidAngle=True, error_model="poisson",
+                          azimuth_range=(-180, 180))
+        for frame in frames
+    ]
+    data, attrs = read_output(output, "1.1")
+    assert data["intensity"].shape == (8, 36, 300)
+    assert_rows_equal(data, refs)
+    np.testing.assert_allclose(data["chi_deg"], refs[0].azimuthal, rtol=1e-6)
+    assert list(attrs["axes"]) == [".", "chi_deg", "q_A^-1"]
+
+
+def test_external_broker_by_url_with_password(small_demo, tmp_path):
+    server = start_embedded_redis(str(tmp_path / "redis"))  # a real server, used by URL
+    try:
+        config = edit_config(small_demo.config, {
+            "output": {"location": str(tmp_path / "out")},
+            "dataset": {"hdf5_entry": "1.1"},
+            "queue": {"queue_prefix": "extbroker"},
+        }, tmp_path / "c.ini")
+        result = run_cli("run", config, "--json", env={"RINGFLOW_BROKER_URL": server.url})
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert server.password not in result.stdout + result.stderr
+        job_id = last_json(result.stdout)["job_id"]
+        client = redis.Redis(port=server.port, password=server.password)
+        assert client.hget(f"extbroker:job:{job_id}:progress", "files_done") == b"2"
+    finally:
+        server.stop()
