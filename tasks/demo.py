@@ -111,7 +111,7 @@ def _ideal_pattern(ai, mask: np.ndarray) -> np.ndarray:
     calibrant = get_calibrant("LaB6")
     calibrant.wavelength = ai.wavelength
     rings = calibrant.fake_calibration_image(ai, Imax=1.0, resolution=0.03)
-    tth = ai.twoThetaArray()
+    tth = ai.center_array(unit="2th_rad", scale=False)
     expected = 2.0 + 20.0 * np.exp(-tth / 0.3) + 400.0 * rings
     expected *= ai.solidAngleArray() * ai.polarization(factor=0.99)
     expected[mask != 0] = 0

@@ -103,7 +103,7 @@ def attenuation(ai, ai_config: IntegrationConfig) -> np.ndarray:
 
     mu = ALL_MATERIALS[ai_config.sensor_material].mu(ai.energy, "cm^-1")
     depth = mu * ai_config.sensor_thickness_cm
-    cos_tth = np.cos(ai.twoThetaArray(ai.detector.shape))
+    cos_tth = np.cos(ai.center_array(ai.detector.shape, unit="2th_rad", scale=False))
     return ((1 - np.exp(-depth / cos_tth)) / (1 - np.exp(-depth))).astype(np.float32)
 
 

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.service
 def scan_frames(master: str, entry: str):
     """(frames, source file names, monitor) of a demo scan, read straight from the Lima files."""
     with h5py.File(master) as h5:
-        sources = sorted({v.file_name for v in h5[f"{entry}/measurement/pilatus"].virtual_sources()})
+        sources = sorted(
+            {v.file_name for v in h5[f"{entry}/measurement/pilatus"].virtual_sources()}
+        )
         monitor = h5[f"{entry}/measurement/mon"][()]
     folder = master.rsplit("/", 1)[0]
     frames = []
@@ -71,8 +73,9 @@ def peak_positions(x: np.ndarray, y: np.ndarray, n: int) -> list[float]:
 
 
 def test_2th_bbox_with_monitor_equals_pyfai(small_demo, tmp_path):
-    config = edit_config(small_demo.config, {"output": {"location": str(tmp_path / "out")}},
-                         tmp_path / "c.ini")
+    config = edit_config(
+        small_demo.config, {"output": {"location": str(tmp_path / "out")}}, tmp_path / "c.ini"
+    )
     summary = run_ok(config)
     assert summary["files_total"] == 4 and summary["files_done"] == 4
     assert summary["files_failed"] == [] and summary["frames"] == 16
@@ -82,9 +85,17 @@ def test_2th_bbox_with_monitor_equals_pyfai(small_demo, tmp_path):
     for output, entry in zip(sorted(summary["outputs"]), ("1.1", "2.1")):
         frames, sources, monitor = scan_frames(small_demo.dataset, entry)
         refs = [
-            ai.integrate1d_ng(frame, 1000, unit="2th_deg", method=("bbox", "csr", "cython"),
-                              mask=mask, polarization_factor=0.99, correctSolidAngle=True,
-                              error_model="poisson", normalization_factor=float(monitor[i]))
+            ai.integrate1d_ng(
+                frame,
+                1000,
+                unit="2th_deg",
+                method=("bbox", "csr", "cython"),
+                mask=mask,
+                polarization_factor=0.99,
+                correctSolidAngle=True,
+                error_model="poisson",
+                normalization_factor=float(monitor[i]),
+            )
             for i, frame in enumerate(frames)
         ]
         data, attrs = read_output(output, entry)
@@ -101,9 +112,11 @@ def test_2th_bbox_with_monitor_equals_pyfai(small_demo, tmp_path):
 
 
 def test_lab6_peaks_at_calibrant_positions(small_demo, tmp_path):
-    config = edit_config(small_demo.config, {"output": {"location": str(tmp_path / "out")},
-                                             "azimuthal integration": {"n_pts": "3000"}},
-                         tmp_path / "c.ini")
+    config = edit_config(
+        small_demo.config,
+        {"output": {"location": str(tmp_path / "out")}, "azimuthal integration": {"n_pts": "3000"}},
+        tmp_path / "c.ini",
+    )
     summary = run_ok(config)
     data, _ = read_output(sorted(summary["outputs"])[0], "1.1")
     mean = np.nanmean(data["intensity"], axis=0)
@@ -126,27 +139,48 @@ def test_q_with_mask_dark_flat_polarization_attenuation(small_demo, tmp_path):
     shape = (1043, 981)
     dark = write_image(tmp_path / "dark.edf", rng.uniform(0, 0.5, shape))
     flat = write_image(tmp_path / "flat.edf", rng.uniform(0.9, 1.1, shape))
-    config = edit_config(small_demo.config, {
-        "output": {"location": str(tmp_path / "out")},
-        "azimuthal integration": {
-            "unit": "q_nm^-1", "n_pts": "800", "dark_file": dark, "flatfield_file": flat,
-            "polarization_factor": "0.95", "pixel_splitting": "no", "monitor_name": "",
-            "correct_detector_attenuation": "1", "radial_range": "(5, 60)",
+    config = edit_config(
+        small_demo.config,
+        {
+            "output": {"location": str(tmp_path / "out")},
+            "azimuthal integration": {
+                "unit": "q_nm^-1",
+                "n_pts": "800",
+                "dark_file": dark,
+                "flatfield_file": flat,
+                "polarization_factor": "0.95",
+                "pixel_splitting": "no",
+                "monitor_name": "",
+                "correct_detector_attenuation": "1",
+                "radial_range": "(5, 60)",
+            },
+            "dataset": {"hdf5_entry": "2.1"},
         },
-        "dataset": {"hdf5_entry": "2.1"},
-    }, tmp_path / "c.ini")
+        tmp_path / "c.ini",
+    )
     summary = run_ok(config)
     (output,) = summary["outputs"]
     ai = pyFAI.load(small_demo.poni)
     mu = ALL_MATERIALS["CdTe"].mu(ai.energy, "cm^-1") * 0.1
-    absorption = (1 - np.exp(-mu / np.cos(ai.twoThetaArray()))) / (1 - np.exp(-mu))
+    absorption = (1 - np.exp(-mu / np.cos(ai.center_array(unit="2th_rad", scale=False)))) / (
+        1 - np.exp(-mu)
+    )
     frames, _, _ = scan_frames(small_demo.dataset, "2.1")
     refs = [
-        ai.integrate1d_ng(frame, 800, unit="q_nm^-1", method=("no", "csr", "cython"),
-                          mask=fabio.open(small_demo.mask).data, dark=fabio.open(dark).data,
-                          flat=fabio.open(flat).data, polarization_factor=0.95,
-                          absorption=absorption, correctSolidAngle=True, error_model="poisson",
-                          radial_range=(5, 60))
+        ai.integrate1d_ng(
+            frame,
+            800,
+            unit="q_nm^-1",
+            method=("no", "csr", "cython"),
+            mask=fabio.open(small_demo.mask).data,
+            dark=fabio.open(dark).data,
+            flat=fabio.open(flat).data,
+            polarization_factor=0.95,
+            absorption=absorption,
+            correctSolidAngle=True,
+            error_model="poisson",
+            radial_range=(5, 60),
+        )
         for frame in frames
     ]
     data, attrs = read_output(output, "2.1")
@@ -155,21 +189,37 @@ def test_q_with_mask_dark_flat_polarization_attenuation(small_demo, tmp_path):
 
 
 def test_2d_caking_equals_integrate2d_ng(small_demo, tmp_path):
-    config = edit_config(small_demo.config, {
-        "output": {"location": str(tmp_path / "out")},
-        "azimuthal integration": {"azimuthal_range": "(-180, 180, 36)", "n_pts": "300",
-                                  "unit": "q_A^-1", "monitor_name": ""},
-        "dataset": {"hdf5_entry": "1.1"},
-    }, tmp_path / "c.ini")
+    config = edit_config(
+        small_demo.config,
+        {
+            "output": {"location": str(tmp_path / "out")},
+            "azimuthal integration": {
+                "azimuthal_range": "(-180, 180, 36)",
+                "n_pts": "300",
+                "unit": "q_A^-1",
+                "monitor_name": "",
+            },
+            "dataset": {"hdf5_entry": "1.1"},
+        },
+        tmp_path / "c.ini",
+    )
     summary = run_ok(config)
     (output,) = summary["outputs"]
     ai = pyFAI.load(small_demo.poni)
     frames, _, _ = scan_frames(small_demo.dataset, "1.1")
     refs = [
-        ai.integrate2d_ng(frame, 300, 36, unit="q_A^-1", method=("bbox", "csr", "cython"),
-                          mask=fabio.open(small_demo.mask).data, polarization_factor=0.99,
-                          correctSolidAngle=True, error_model="poisson",
-                          azimuth_range=(-180, 180))
+        ai.integrate2d_ng(
+            frame,
+            300,
+            36,
+            unit="q_A^-1",
+            method=("bbox", "csr", "cython"),
+            mask=fabio.open(small_demo.mask).data,
+            polarization_factor=0.99,
+            correctSolidAngle=True,
+            error_model="poisson",
+            azimuth_range=(-180, 180),
+        )
         for frame in frames
     ]
     data, attrs = read_output(output, "1.1")
@@ -182,11 +232,15 @@ def test_2d_caking_equals_integrate2d_ng(small_demo, tmp_path):
 def test_external_broker_by_url_with_password(small_demo, tmp_path):
     server = start_embedded_redis(str(tmp_path / "redis"))  # a real server, used by URL
     try:
-        config = edit_config(small_demo.config, {
-            "output": {"location": str(tmp_path / "out")},
-            "dataset": {"hdf5_entry": "1.1"},
-            "queue": {"queue_prefix": "extbroker"},
-        }, tmp_path / "c.ini")
+        config = edit_config(
+            small_demo.config,
+            {
+                "output": {"location": str(tmp_path / "out")},
+                "dataset": {"hdf5_entry": "1.1"},
+                "queue": {"queue_prefix": "extbroker"},
+            },
+            tmp_path / "c.ini",
+        )
         result = run_cli("run", config, "--json", env={"RINGFLOW_BROKER_URL": server.url})
         assert result.returncode == 0, result.stderr[-2000:]
         assert server.password not in result.stdout + result.stderr

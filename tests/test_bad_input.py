@@ -1,0 +1,97 @@
+"""Bad input: one clear line naming the file and the problem, no traceback, good files still done."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from .conftest import edit_config, last_json, run_cli
+
+pytestmark = pytest.mark.service
+
+
+def config_with(small_demo, tmp_path, **sections):
+    changes = {"output": {"location": str(tmp_path / "out")}}
+    for name, values in sections.items():
+        changes.setdefault(name.replace("_", " "), {}).update(values)
+    return edit_config(small_demo.config, changes, tmp_path / "c.ini")
+
+
+def assert_clean_error(result, *fragments, code=None):
+    assert result.returncode != 0
+    if code is not None:
+        assert result.returncode == code
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if "error" in line or "failed:" in line]
+    assert any(all(f in line for f in fragments) for line in lines), result.stderr[-2000:]
+
+
+def test_glob_that_matches_nothing(small_demo, tmp_path):
+    config = config_with(small_demo, tmp_path, dataset={"location": f"{tmp_path}/none_*.h5"})
+    assert_clean_error(run_cli("run", config), "none_*.h5", "matches no file", code=2)
+
+
+def test_missing_poni(small_demo, tmp_path):
+    config = config_with(
+        small_demo, tmp_path, azimuthal_integration={"poni_file": str(tmp_path / "gone.poni")}
+    )
+    assert_clean_error(run_cli("run", config), "gone.poni", "PONI file not found", code=2)
+
+
+def test_mask_of_wrong_shape(small_demo, tmp_path):
+    import fabio
+
+    mask = tmp_path / "small_mask.edf"
+    fabio.edfimage.EdfImage(data=np.zeros((10, 10), np.int8)).write(str(mask))
+    config = config_with(small_demo, tmp_path, azimuthal_integration={"mask_file": str(mask)})
+    assert_clean_error(run_cli("run", config), "small_mask.edf", "mask shape (10, 10)", code=2)
+
+
+def test_not_hdf5_file_among_good_ones(small_demo, tmp_path):
+    bad = tmp_path / "notes.h5"
+    bad.write_text("this is not HDF5")
+    config = config_with(small_demo, tmp_path, dataset={"location": f"{small_demo.dataset}, {bad}"})
+    result = run_cli("run", config, "--json")
+    assert_clean_error(result, "notes.h5", "not an HDF5 file", code=1)
+    summary = last_json(result.stdout)
+    assert len(summary["outputs"]) == 2 and summary["files_done"] == 4
+    assert [f["file"] for f in summary["files_failed"]] == [str(bad)]
+
+
+def test_detector_absent_from_an_entry(small_demo, tmp_path):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as h5:
+        h5.create_group("1.1/measurement/eiger")
+        h5["1.1/measurement/mon"] = np.ones(3)
+    config = config_with(
+        small_demo, tmp_path, dataset={"location": f"{small_demo.dataset}, {other}"}
+    )
+    result = run_cli("run", config, "--json")
+    assert_clean_error(result, "other.h5", "detector 'pilatus' not found in entry 1.1", code=1)
+    assert len(last_json(result.stdout)["outputs"]) == 2
+
+
+def test_unwritable_output_folder(small_demo, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # a folder cannot be created below a file, even by root
+    config = config_with(small_demo, tmp_path, output={"location": str(blocker / "out")})
+    assert_clean_error(run_cli("run", config), str(blocker), "cannot create folder")
+    assert not (blocker.parent / "out").exists()
+
+
+def test_truncated_lima_file_fails_alone(small_demo, tmp_path):
+    raw = tmp_path / "RAW_DATA"
+    shutil.copytree(small_demo.dataset.rsplit("/RAW_DATA/", 1)[0] + "/RAW_DATA", raw)
+    master = next(raw.rglob("sample_0001.h5"))
+    victim = master.parent / "scan0002" / "pilatus_0001.h5"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    config = config_with(small_demo, tmp_path, dataset={"location": str(master)})
+    result = run_cli("run", config, "--json")
+    assert_clean_error(result, "pilatus_0001.h5", code=1)
+    summary = last_json(result.stdout)
+    assert len(summary["outputs"]) == 1 and "scan0001" in summary["outputs"][0]
+    assert [f["file"] for f in summary["files_failed"]] == [str(victim)]
+    assert not list((tmp_path / "out").rglob("*scan0002*.h5"))
