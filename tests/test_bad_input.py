@@ -1,4 +1,4 @@
-"""Bad input: one clear line naming the file and the problem, no traceback, good files still done."""
+"""Bad input: one clear line naming file and problem, no traceback, good files still done."""
 
 from __future__ import annotations
 

@@ -82,7 +82,7 @@ def test_2th_bbox_with_monitor_equals_pyfai(small_demo, tmp_path):
     assert len(summary["outputs"]) == 2 and summary["job_id"] and summary["seconds"] > 0
     ai = pyFAI.load(small_demo.poni)
     mask = fabio.open(small_demo.mask).data
-    for output, entry in zip(sorted(summary["outputs"]), ("1.1", "2.1")):
+    for output, entry in zip(sorted(summary["outputs"]), ("1.1", "2.1"), strict=True):
         frames, sources, monitor = scan_frames(small_demo.dataset, entry)
         refs = [
             ai.integrate1d_ng(
