@@ -1,0 +1,47 @@
+"""Ctrl-C stops every process ringflow started: workers and the embedded Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import ROOT, edit_config
+
+pytestmark = pytest.mark.service
+
+
+def running(pattern: str) -> bool:
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0
+
+
+def test_ctrl_c_stops_workers_and_broker(small_demo, tmp_path):
+    config = edit_config(
+        small_demo.config, {"output": {"location": str(tmp_path / "out")}}, tmp_path / "c.ini"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RINGFLOW_BROKER_URL"}
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "run", str(config)],
+        cwd=ROOT,
+        env=dict(env, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    logs = tmp_path / "out" / ".ringflow" / "logs"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (logs.exists() and len(list(logs.iterdir())) == 2):
+        time.sleep(0.05)
+    names = [p.stem.removeprefix("worker-") for p in logs.iterdir()]
+    assert len(names) == 2, "workers never started"
+    cli.send_signal(signal.SIGINT)
+    _, stderr = cli.communicate(timeout=60)
+    assert cli.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    broker_conf = str(tmp_path / "out" / ".ringflow" / "broker" / "redis.conf")
+    for pattern in [f"ringflow-{name}" for name in names] + [broker_conf]:
+        assert not running(pattern), f"{pattern} still running"
