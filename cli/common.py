@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tasks.config import Config
 from tasks.errors import ConfigError, RingflowError
@@ -23,10 +24,20 @@ def load_config(path: Path) -> Config:
     except ConfigError as exc:
         fail(exc)
     for warning in config.warnings:
-        err.print(f"[yellow]warning:[/] {path}: {warning}")
+        say("warning", f"{path}: {warning}")
     return config
 
 
 def fail(exc: RingflowError, code: int = EXIT_USAGE) -> None:
-    err.print(f"[red]error:[/] {exc}", markup=True)
+    say("error", str(exc))
     raise typer.Exit(code)
+
+
+_STYLES = {"error": "red", "failed": "red", "interrupted": "red", "warning": "yellow"}
+
+
+def say(kind: str, text: str) -> None:
+    """One line on stderr: 'kind: text', the text shown verbatim (no rich markup)."""
+    style = _STYLES.get(kind)
+    label = f"[{style}]{kind}:[/]" if style else f"{kind}:"
+    err.print(f"{label} {escape(text)}")

@@ -8,7 +8,7 @@ import typer
 
 from tasks.config import template
 
-from .common import EXIT_USAGE, err
+from .common import EXIT_USAGE, say
 
 
 def config(
@@ -18,11 +18,11 @@ def config(
 ) -> None:
     """Write a configuration template with every key, its default and its meaning."""
     if path.exists() and not force:
-        err.print(f"[red]error:[/] {path}: exists; use --force to overwrite")
+        say("error", f"{path}: exists; use --force to overwrite")
         raise typer.Exit(EXIT_USAGE)
     try:
         path.write_text(template(dataset))
     except OSError as exc:
-        err.print(f"[red]error:[/] {path}: cannot write: {exc.strerror}")
+        say("error", f"{path}: cannot write: {exc.strerror}")
         raise typer.Exit(EXIT_USAGE) from None
     typer.echo(str(path))

@@ -30,7 +30,7 @@ def demo(
         f"writing {scans} scans x {files} files x {frames} frames of {detector} into {folder}"
     )
     written = write_demo(spec)
-    err.print(f"dataset: {written.dataset}\nconfig:  {written.config}")
+    err.print(f"dataset: {written.dataset}\nconfig:  {written.config}", markup=False)
     if not run:
         typer.echo(written.config)
         return

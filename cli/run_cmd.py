@@ -14,7 +14,7 @@ from tasks.errors import ConfigError, RingflowError
 from tasks.jobs import JobPlan, check_plan, plan_job
 from worker_launcher.run import JobSummary, run_plan
 
-from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, err, fail, load_config
+from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, err, fail, load_config, say
 
 
 def run(
@@ -33,7 +33,7 @@ def execute(config: Config, as_json: bool = False) -> int:
         plan = _plan(config)
         summary = _run_with_progress(config, plan, quiet=as_json)
     except KeyboardInterrupt:
-        err.print("[red]interrupted:[/] workers and broker stopped")
+        say("interrupted", "workers and broker stopped")
         return EXIT_INTERRUPTED
     except ConfigError as exc:
         fail(exc, EXIT_USAGE)
@@ -59,9 +59,9 @@ def _plan(config: Config) -> JobPlan:
 
 def _run_with_progress(config: Config, plan: JobPlan, quiet: bool) -> JobSummary:
     for problem in plan.problems:
-        err.print(f"[red]error:[/] {problem}")
+        say("error", str(problem))
     for output in plan.skipped:
-        err.print(f"skipped (existing_output = {config.output.existing_output}): {output}")
+        say("skipped", f"{output} (existing_output = {config.output.existing_output})")
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -91,7 +91,7 @@ def _run_with_progress(config: Config, plan: JobPlan, quiet: bool) -> JobSummary
 
 def _report(summary: JobSummary, as_json: bool) -> None:
     for failure in summary.files_failed:
-        err.print(f"[red]failed:[/] {failure['message']}")
+        say("failed", failure["message"])
     rate = summary.frames / summary.seconds if summary.seconds else 0.0
     err.print(
         f"{summary.files_done}/{summary.files_total} files, {summary.frames} frames in "
