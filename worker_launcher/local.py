@@ -46,15 +46,14 @@ class LocalWorkers:
         return [w for w in self.workers if not w.alive()]
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Warm shutdown (SIGTERM), then SIGKILL of the whole process group."""
+        """Warm shutdown (SIGTERM), then SIGKILL of whatever is left of each process group."""
         for worker in self.workers:
             _signal_group(worker.process, signal.SIGTERM)
         for worker in self.workers:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                _signal_group(worker.process, signal.SIGKILL)
-                worker.process.wait(5)
+            _signal_group(worker.process, signal.SIGKILL)  # pool children outliving their parent
+            worker.process.wait(5)
 
 
 def start_local_workers(
@@ -74,21 +73,25 @@ def start_local_workers(
         ),
         ("assemble", keys.assemble_queue(prefix), 1, comp.cores_per_worker),
     ]
-    for role, queue, concurrency, threads in specs:
-        name = f"ringflow-{role}-{tag}@%h"
-        log = os.path.join(log_dir, f"worker-{role}-{tag}.log")
-        command = worker_command(queue, concurrency, name, config.pipeline.verbosity)
-        env = worker_env(broker_url, threads, config.queue.task_time_limit)
-        with open(log, "ab") as out:
-            process = subprocess.Popen(
-                command,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        workers.workers.append(WorkerProcess(name, log, process))
+    try:
+        for role, queue, concurrency, threads in specs:
+            name = f"ringflow-{role}-{tag}@%h"
+            log = os.path.join(log_dir, f"worker-{role}-{tag}.log")
+            command = worker_command(queue, concurrency, name, config.pipeline.verbosity)
+            env = worker_env(broker_url, threads, config.queue.task_time_limit)
+            with open(log, "ab") as out:
+                process = subprocess.Popen(
+                    command,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            workers.workers.append(WorkerProcess(name, log, process))
+    except BaseException:  # Ctrl-C between two starts: leave nothing behind
+        workers.stop()
+        raise
     return workers
 
 
