@@ -7,6 +7,7 @@ Every wait is bounded: workers that die or a job that makes no progress for
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -69,10 +70,24 @@ def local_services(config: Config, workspace: str) -> Iterator[tuple[object, Loc
         workers = start_local_workers(config, url, os.path.join(workspace, "logs"))
         yield app, workers
     finally:
-        if workers is not None:
-            workers.stop()
-        if server is not None:
-            server.stop()
+        with _uninterruptible():  # a second Ctrl-C must not leave orphans behind
+            if workers is not None:
+                workers.stop()
+            if server is not None:
+                server.stop()
+
+
+@contextmanager
+def _uninterruptible():
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to protect
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def check_broker(url: str, timeout: float = 10.0) -> None:
