@@ -119,6 +119,7 @@ class Engine:
         self.absorption = (
             attenuation(self.ai, self.config) if self.config.correct_detector_attenuation else None
         )
+        self.kwargs = self._kwargs()  # once: in 2D it folds absorption into a full-size flat
         self.radial, self.azimuthal = self._axes()
 
     @property
@@ -152,7 +153,7 @@ class Engine:
         return kwargs
 
     def integrate(self, frame: np.ndarray, normalization: float = 1.0) -> FrameResult:
-        kwargs = self._kwargs()
+        kwargs = self.kwargs
         c = self.config
         if self.is_2d:
             res = self.ai.integrate2d_ng(
@@ -169,7 +170,7 @@ class Engine:
         """Radial (and azimuthal) bin centres, from one integration of a blank frame."""
         blank = np.zeros(self.shape, dtype=np.float32)
         c = self.config
-        kwargs = self._kwargs() | {"error_model": None}
+        kwargs = self.kwargs | {"error_model": None}
         if self.is_2d:
             res = self.ai.integrate2d_ng(blank, c.n_pts, c.n_slices, **kwargs)
             return np.asarray(res.radial), np.asarray(res.azimuthal)
