@@ -6,7 +6,11 @@ import typer
 
 from .config_cmd import config
 from .demo_cmd import demo
+from .enqueue_cmd import enqueue
+from .flower_cmd import flower
 from .run_cmd import run
+from .slurm_cmd import integrate_slurm
+from .workers_cmd import app as workers
 
 app = typer.Typer(
     name="ringflow",
@@ -18,6 +22,10 @@ app = typer.Typer(
 app.command("config")(config)
 app.command("demo")(demo)
 app.command("run")(run)
+app.command("integrate-slurm")(integrate_slurm)
+app.command("enqueue")(enqueue)
+app.add_typer(workers, name="workers")
+app.command("flower")(flower)
 
 if __name__ == "__main__":
     app()

@@ -15,10 +15,11 @@ import os
 from celery import Celery
 
 BROKER_ENV = "RINGFLOW_BROKER_URL"
+BROKER_FILE_ENV = "RINGFLOW_BROKER_URL_FILE"  # SLURM jobs: the URL's only home is a 0600 file
 TIME_LIMIT_ENV = "RINGFLOW_TASK_TIME_LIMIT"
 DEFAULT_TIME_LIMIT = 7200
 
-app = Celery("ringflow", include=["tasks.integrate", "tasks.assemble"])
+app = Celery("ringflow", include=["tasks.integrate", "tasks.assemble", "tasks.node"])
 
 
 def _settings(broker_url: str | None, time_limit: int) -> dict:
@@ -56,9 +57,18 @@ def configure(broker_url: str, time_limit: int = DEFAULT_TIME_LIMIT) -> Celery:
     return app
 
 
+def broker_from_env() -> str | None:
+    """The worker's broker URL: from $RINGFLOW_BROKER_URL, or the file $RINGFLOW_BROKER_URL_FILE."""
+    path = os.environ.get(BROKER_FILE_ENV)
+    if path:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    return os.environ.get(BROKER_ENV) or None
+
+
 app.conf.update(
     _settings(
-        os.environ.get(BROKER_ENV) or None,
+        broker_from_env(),
         int(os.environ.get(TIME_LIMIT_ENV, DEFAULT_TIME_LIMIT)),
     )
 )

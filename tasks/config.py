@@ -14,15 +14,21 @@ import hashlib
 import json
 import os
 import re
+import shlex
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .errors import ConfigError
 
 CONFIG_VERSION = 1
 BROKER_ENV = "RINGFLOW_BROKER_URL"
+PASSWORD_FILE_ENV = "RINGFLOW_BROKER_PASSWORD_FILE"
+FLOWER_USER_ENV = "RINGFLOW_FLOWER_USER"
+FLOWER_PASSWORD_ENV = "RINGFLOW_FLOWER_PASSWORD"
+FLOWER_PASSWORD_FILE_ENV = "RINGFLOW_FLOWER_PASSWORD_FILE"
 
 
 # --- value parsers: text -> typed value, ValueError with the reason ---------------------------
@@ -178,6 +184,24 @@ def _broker_url(value: str) -> str:
     return text
 
 
+def _sbatch_value(value: str) -> str:
+    text = value.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.:,=+\-]*", text):
+        raise ValueError("letters, digits and . : , = + - _ only")
+    return text
+
+
+def _sbatch_options(value: str) -> tuple[str, ...]:
+    try:
+        items = tuple(shlex.split(value))
+    except ValueError as exc:
+        raise ValueError(f"cannot split into options: {exc}") from None
+    for item in items:
+        if not item.startswith("-") or not re.fullmatch(r"[A-Za-z0-9_.:,=+/@%\-]+", item):
+            raise ValueError(f"{item!r} is not an option like --account=name")
+    return items
+
+
 def _queue_prefix(value: str) -> str:
     text = value.strip()
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", text):
@@ -324,7 +348,7 @@ class IntegrationConfig:
 
 @dataclass(frozen=True)
 class ComputationsConfig:
-    partition: str = option("partition", _text, "SLURM partition.", "gpu")
+    partition: str = option("partition", _sbatch_value, "SLURM partition.", "gpu")
     n_workers: int = option("n_workers", _int(1), "SLURM jobs (one GPU each).", 4)
     ai_engines_per_worker: int = option(
         "ai_engines_per_worker", _int(1), "Integration processes per worker (per GPU).", 8
@@ -344,6 +368,44 @@ class ComputationsConfig:
         _text,
         "Folder shared with workers (partials, logs, broker data); empty: <output>/.ringflow.",
         "",
+    )
+    gres: str = option(
+        "gres",
+        _sbatch_value,
+        "ringflow: SLURM generic resource of one worker job (one GPU); empty: none (CPU only).",
+        "gpu:1",
+    )
+    cpus_per_worker: int = option(
+        "cpus_per_worker",
+        _int(0),
+        "ringflow: CPUs of one worker job; 0: ai_engines_per_worker x cores_per_worker.",
+        0,
+    )
+    assemble_cores: int = option(
+        "assemble_cores",
+        _int(1),
+        "ringflow: CPUs of the job that assembles and compresses each scan's final file.",
+        2,
+    )
+    sbatch_options: tuple[str, ...] = option(
+        "sbatch_options",
+        _sbatch_options,
+        "ringflow: extra sbatch options, e.g. --account=id15 --qos=high.",
+        (),
+        fmt=" ".join,
+    )
+    warm_shutdown_s: int = option(
+        "warm_shutdown_s",
+        _int(10),
+        "ringflow: seconds before the time limit at which SLURM asks a worker to stop taking "
+        "files and finish (or hand back) the ones it holds.",
+        300,
+    )
+    cpu_fallback: bool = option(
+        "cpu_fallback",
+        _bool,
+        "ringflow: 1 lets an opencl worker that sees no GPU integrate on the CPU; 0: it fails.",
+        False,
     )
 
 
@@ -406,6 +468,40 @@ class QueueConfig:
     stall_timeout: int = option(
         "stall_timeout", _int(10), "Seconds without any progress before a run gives up.", 900
     )
+    broker_password_file: str = option(
+        "broker_password_file",
+        _text,
+        f"File holding the Redis password, for a broker_url without one. "
+        f"${PASSWORD_FILE_ENV} overrides it.",
+        "",
+    )
+    stranded_after: int = option(
+        "stranded_after",
+        _int(5),
+        "Seconds a GPU queue may hold files with no live worker before they move to live ones.",
+        60,
+    )
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    flower_address: str = option(
+        "flower_address", _text, "ringflow: address Flower listens on.", "127.0.0.1"
+    )
+    flower_port: int = option("flower_port", _int(1), "ringflow: Flower's port.", 5555)
+    flower_user: str = option(
+        "flower_user",
+        _sbatch_value,
+        f"ringflow: Flower user name (basic authentication). ${FLOWER_USER_ENV} overrides it.",
+        "ringflow",
+    )
+    flower_password_file: str = option(
+        "flower_password_file",
+        _text,
+        f"ringflow: file holding Flower's password. ${FLOWER_PASSWORD_ENV} (the password) or "
+        f"${FLOWER_PASSWORD_FILE_ENV} override it.",
+        "",
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -415,6 +511,7 @@ SECTIONS: dict[str, type] = {
     "output": OutputConfig,
     "pipeline": PipelineConfig,
     "queue": QueueConfig,
+    "monitoring": MonitoringConfig,
 }
 _ATTRS = {
     "dataset": "dataset",
@@ -423,11 +520,14 @@ _ATTRS = {
     "output": "output",
     "pipeline": "pipeline",
     "queue": "queue",
+    "monitoring": "monitoring",
 }
 PATH_KEYS = {
     "azimuthal integration": ("poni_file", "mask_file", "flatfield_file", "dark_file"),
     "computations distribution": ("workspace_path",),
     "output": ("location",),
+    "queue": ("broker_password_file",),
+    "monitoring": ("flower_password_file",),
 }
 
 
@@ -439,6 +539,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     source: str = ""  # the INI file it was read from, if any
     warnings: tuple[str, ...] = ()
 
@@ -472,8 +573,37 @@ class Config:
         if env_url:
             url = _parse_one("queue", "broker_url", env_url, _broker_url, f"${BROKER_ENV}")
             config = replace(config, queue=replace(config.queue, broker_url=url))
+        env_file = os.environ.get(PASSWORD_FILE_ENV, "").strip()
+        if env_file:
+            config = replace(config, queue=replace(config.queue, broker_password_file=env_file))
         _check_supported(config)
         return config
+
+    def broker_url(self) -> str:
+        """The configured broker URL with the password of broker_password_file put in.
+
+        Empty when the embedded Redis is to be used. Read at each call: the file is the
+        secret's only home, so it is never stored in payloads, logs or job scripts.
+        """
+        url, path = self.queue.broker_url, self.queue.broker_password_file
+        if not url or not path:
+            return url
+        try:
+            with open(path, encoding="utf-8") as fh:
+                password = fh.read().strip()
+        except OSError as exc:
+            raise ConfigError(
+                "queue", "broker_password_file", path, f"cannot read: {exc.strerror}", self.source
+            ) from None
+        if not password:
+            raise ConfigError("queue", "broker_password_file", path, "file is empty", self.source)
+        return with_password(url, password)
+
+    def payload_mapping(self) -> dict[str, dict[str, str]]:
+        """:meth:`as_mapping` without secrets: what travels in task messages and manifests."""
+        mapping = self.as_mapping()
+        mapping["queue"]["broker_url"] = redact_url(mapping["queue"]["broker_url"])
+        return mapping
 
     def as_mapping(self) -> dict[str, dict[str, str]]:
         """The configuration as INI text values: JSON-safe, and parsed back by from_mapping."""
@@ -586,6 +716,15 @@ def _check_supported(config: Config) -> None:
 def redact_url(url: str) -> str:
     """The URL with any password replaced by ***, safe to print or store."""
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` (URL-quoted) in place of any it had."""
+    scheme, rest = url.split("://", 1)
+    netloc, sep, tail = rest.partition("/")
+    user = netloc.rsplit("@", 1)[0].split(":", 1)[0] if "@" in netloc else ""
+    host = netloc.rsplit("@", 1)[-1]
+    return f"{scheme}://{user}:{quote(password, safe='')}@{host}{sep}{tail}"
 
 
 def template(dataset_glob: str = "") -> str:

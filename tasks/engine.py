@@ -79,9 +79,9 @@ def load_corrections(ai_config: IntegrationConfig, shape: tuple[int, int]) -> Co
     return Corrections(**images)
 
 
-def check_opencl(ai_config: IntegrationConfig) -> None:
+def check_opencl(ai_config: IntegrationConfig, cpu_fallback: bool = False) -> None:
     """Fail clearly if ai_method = opencl and this machine has no OpenCL device."""
-    if ai_config.ai_method != "opencl":
+    if ai_config.ai_method != "opencl" or cpu_fallback:
         return
     from pyFAI.method_registry import IntegrationMethod
 
@@ -95,6 +95,27 @@ def check_opencl(ai_config: IntegrationConfig) -> None:
             f"no OpenCL device on {os.uname().nodename}; install an OpenCL driver "
             "(e.g. pip install pocl-binary-distribution) or set ai_method = cython",
         )
+
+
+def engine_method(ai_config: IntegrationConfig, cpu_fallback: bool):
+    """pyFAI's method: opencl on this worker's granted GPU (see tasks.gpu), else as configured."""
+    if ai_config.ai_method != "opencl":
+        return ai_config.method
+    from pyFAI.method_registry import IntegrationMethod
+
+    from .gpu import worker_device
+
+    device = worker_device(allow_cpu=cpu_fallback)
+    if device is None:
+        return (ai_config.pixel_splitting, "csr", "cython")
+    dim = 1 if ai_config.n_slices == 1 else 2
+    split = ai_config.pixel_splitting
+    found = IntegrationMethod.select_method(dim, split, "csr", "opencl", target=device.target)
+    if not found:
+        raise ConfigError(
+            "azimuthal integration", "ai_method", "opencl", f"pyFAI cannot use {device}"
+        )
+    return found[0]
 
 
 def attenuation(ai, ai_config: IntegrationConfig) -> np.ndarray:
@@ -112,7 +133,7 @@ class Engine:
 
     def __init__(self, config: Config):
         self.config = config.integration
-        check_opencl(self.config)
+        self.method = engine_method(self.config, config.computations.cpu_fallback)
         self.ai = load_geometry(self.config)
         self.shape = tuple(self.ai.detector.shape)
         self.corrections = load_corrections(self.config, self.shape)
@@ -131,7 +152,7 @@ class Engine:
         flat = self.corrections.flat
         kwargs = dict(
             unit=c.unit,
-            method=c.method,
+            method=self.method,
             mask=self.corrections.mask,
             dark=self.corrections.dark,
             polarization_factor=c.polarization_factor,

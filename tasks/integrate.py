@@ -9,6 +9,7 @@ chord header would leave the scan's callback failed (Celery's ChordError) or han
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 
 import numpy as np
@@ -16,23 +17,36 @@ import numpy as np
 from . import registry
 from .app import app
 from .errors import InputDataError, RingflowError
+from .gpu import gpu_environment
 from .payloads import FileTask
 
 log = logging.getLogger(__name__)
 
 
-@app.task(name="ringflow.integrate_file")
-def integrate_file(payload: dict) -> dict:
+@app.task(name="ringflow.integrate_file", bind=True)
+def integrate_file(self, payload: dict) -> dict:
     task = FileTask.from_dict(payload)
     client = app.backend.client
+    start = time.monotonic()
     try:
         frames = _integrate(task, client)
     except Exception as exc:
-        failure = _failure(task, exc)
+        failure = _failure(task, exc) | _where(self.request)
         registry.mark_failed(client, task.prefix, task.job_id, task.task_id, failure)
         return {"status": "failed", "task_id": task.task_id, **failure}
-    registry.mark_done(client, task.prefix, task.job_id)
+    info = {"file": task.path, "frames": frames, "seconds": round(time.monotonic() - start, 3)}
+    registry.mark_done(client, task.prefix, task.job_id, task.task_id, info | _where(self.request))
     return {"status": "done", "task_id": task.task_id, "file": task.path, "frames": frames}
+
+
+def _where(request) -> dict:
+    """The worker node, the queue the task came from and the GPU grant it ran with."""
+    delivery = request.delivery_info or {}
+    return {
+        "worker": request.hostname,
+        "queue": delivery.get("routing_key"),
+        "gpus": gpu_environment(),
+    }
 
 
 def _integrate(task: FileTask, client) -> int:

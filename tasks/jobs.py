@@ -87,7 +87,7 @@ def _output_if_needed(config: Config, scan: Scan, shape, fingerprint: str) -> st
 
 def _scan_payloads(plan: JobPlan, scan: Scan, output: str, fingerprint: str):
     config, prefix = plan.config, plan.config.queue.queue_prefix
-    mapping = config.as_mapping()
+    mapping = config.payload_mapping()
     partial_dir = _partial_dir(plan, scan, output)
     scan_index = len(plan.scans)
     files = []
@@ -141,35 +141,57 @@ def _partial_dir(plan: JobPlan, scan: Scan, output: str) -> str:
     return os.path.join(base, plan.job_id, os.path.splitext(os.path.basename(output))[0])
 
 
-def submit(app, plan: JobPlan, slot: int = 0) -> dict[str, str]:
-    """Register the job and send one chord per scan; returns scan key -> callback task id.
+def assign_slots(files: list[FileTask], slots: list[int]) -> dict[str, int]:
+    """task id -> GPU slot, balancing frame counts: each file goes to the least-loaded slot.
 
+    Files are taken in scan order, so the first scans finish first on every slot.
+    """
+    load = {slot: 0 for slot in slots}
+    assigned = {}
+    for task in files:
+        slot = min(load, key=lambda s: (load[s], s))
+        assigned[task.task_id] = slot
+        load[slot] += task.n_frames
+    return assigned
+
+
+def submit(app, plan: JobPlan, slots: list[int] | None = None) -> dict[str, str]:
+    """Register the job, then send one chord per scan; returns scan key -> callback task id.
+
+    File tasks go to the queues of ``slots`` (default: slot 0), balanced by frame count.
     Task ids, not AsyncResult objects: those unsubscribe from Redis when garbage-collected,
     which fails noisily once a private broker is stopped.
     """
     prefix = plan.config.queue.queue_prefix
-    client = app.backend.client
-    manifest = {task.task_id: task.to_dict() for task in plan.file_tasks}
-    registry.register_job(client, prefix, plan.job_id, manifest)
+    placement = assign_slots(plan.file_tasks, slots or [0])
+    callbacks = {
+        scan.scan_key: f"{files[0].task_id.rsplit('-', 1)[0]}-assemble"
+        for scan, files in plan.scans
+    }
+    manifest = {
+        task.task_id: task.to_dict() | {"slot": placement[task.task_id]} for task in plan.file_tasks
+    }
+    scans = {
+        scan.scan_key: {"scan": scan.to_dict(), "callback": callbacks[scan.scan_key]}
+        for scan, _ in plan.scans
+    }
+    registry.register_job(app.backend.client, prefix, plan.job_id, manifest, scans)
     app.loader.import_default_modules()  # registers the tasks named in app's include
     integrate_file = app.tasks["ringflow.integrate_file"]
     assemble_scan = app.tasks["ringflow.assemble_scan"]
-    results = {}
     for scan, files in plan.scans:
         header = [
             integrate_file.s(task.to_dict()).set(
-                queue=keys.gpu_queue(prefix, slot), task_id=task.task_id
+                queue=keys.gpu_queue(prefix, placement[task.task_id]), task_id=task.task_id
             )
             for task in files
         ]
-        body_id = f"{files[0].task_id.rsplit('-', 1)[0]}-assemble"
         body = assemble_scan.s(scan.to_dict()).set(
-            queue=keys.assemble_queue(prefix), task_id=body_id
+            queue=keys.assemble_queue(prefix), task_id=callbacks[scan.scan_key]
         )
         chord(header)(body)
-        results[scan.scan_key] = body_id
     _stop_result_subscriptions(app)
-    return results
+    return callbacks
 
 
 def _stop_result_subscriptions(app) -> None:

@@ -10,6 +10,13 @@ ASSEMBLE_QUEUE = "{prefix}.assemble"
 JOB_PROGRESS = "{prefix}:job:{job_id}:progress"
 JOB_FAILED = "{prefix}:job:{job_id}:failed"
 JOB_MANIFEST = "{prefix}:job:{job_id}:manifest"
+JOB_SCANS = "{prefix}:job:{job_id}:scans"
+JOB_DONE = "{prefix}:job:{job_id}:done"
+JOBS = "{prefix}:jobs"
+WORKERS = "{prefix}:workers"
+MOVING = "{prefix}:moving"
+JOB_NAME = "ringflow-{prefix}-{role}"
+NODE_NAME = "{prefix}-{role}-{tag}"
 
 
 def gpu_queue(prefix: str, slot: int) -> str:
@@ -35,3 +42,38 @@ def job_failed(prefix: str, job_id: str) -> str:
 def job_manifest(prefix: str, job_id: str) -> str:
     """Hash task_id -> JSON file task payload: what the job must do."""
     return JOB_MANIFEST.format(prefix=prefix, job_id=job_id)
+
+
+def job_scans(prefix: str, job_id: str) -> str:
+    """Hash scan key -> JSON {scan: scan task payload, callback: chord callback task id}."""
+    return JOB_SCANS.format(prefix=prefix, job_id=job_id)
+
+
+def job_done(prefix: str, job_id: str) -> str:
+    """Hash task_id -> JSON {file, frames, worker, queue, gpu, seconds} of finished files."""
+    return JOB_DONE.format(prefix=prefix, job_id=job_id)
+
+
+def jobs(prefix: str) -> str:
+    """Sorted set of job ids, scored by submission time."""
+    return JOBS.format(prefix=prefix)
+
+
+def workers(prefix: str) -> str:
+    """Hash Celery node name -> JSON {slot, queue, gpus, slurm_job, host, pid, started}."""
+    return WORKERS.format(prefix=prefix)
+
+
+def moving(prefix: str) -> str:
+    """List holding a message while it moves from a stranded queue to a live one."""
+    return MOVING.format(prefix=prefix)
+
+
+def job_name(prefix: str, role: str) -> str:
+    """SLURM job name of a worker: identifies the deployment (prefix) and its role."""
+    return JOB_NAME.format(prefix=prefix, role=role)
+
+
+def node_name(prefix: str, role: str, tag: str) -> str:
+    """Celery node name (before '@host') of a worker: unique per deployment, role and tag."""
+    return NODE_NAME.format(prefix=prefix, role=role, tag=tag)

@@ -66,3 +66,16 @@ def must_process(config: Config, path: str, fingerprint: str) -> bool:
     if not config.source or not os.path.exists(config.source):
         return True
     return os.path.getmtime(config.source) > os.path.getmtime(path)
+
+
+def deployment_dir(config: Config) -> str:
+    """Folder of a deployment's worker scripts, SLURM logs and broker URL file.
+
+    Known without discovering any scan, so ``workers submit`` can run before ``enqueue``;
+    it must be on a file system the worker nodes share (the home folder by default).
+    """
+    if config.computations.workspace_path:
+        return config.computations.workspace_path
+    if config.output.location:
+        return os.path.join(config.output.location, ".ringflow")
+    return os.path.join(os.path.expanduser("~"), ".ringflow", config.queue.queue_prefix)

@@ -6,6 +6,7 @@ Workers write, the client reads; keys expire with the job.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 
 from . import keys
@@ -21,25 +22,51 @@ class Progress:
     failures: dict[str, dict] = field(default_factory=dict)
 
 
-def register_job(client, prefix: str, job_id: str, manifest: dict[str, dict]) -> None:
-    """Store every file task of the job before any of them runs."""
+def register_job(
+    client, prefix: str, job_id: str, manifest: dict[str, dict], scans: dict[str, dict]
+) -> None:
+    """Store every file task and scan of the job, in one pipeline, before any of them runs.
+
+    ``scans`` maps scan key -> {scan: payload, callback: chord callback task id}.
+    """
     pipe = client.pipeline()
     progress = keys.job_progress(prefix, job_id)
     pipe.hset(progress, mapping={"files_done": 0, "files_failed": 0, "frames_done": 0})
-    if manifest:
-        name = keys.job_manifest(prefix, job_id)
-        pipe.hset(name, mapping={k: json.dumps(v) for k, v in manifest.items()})
-        pipe.expire(name, JOB_TTL)
     pipe.expire(progress, JOB_TTL)
+    for name, content in (
+        (keys.job_manifest(prefix, job_id), manifest),
+        (keys.job_scans(prefix, job_id), scans),
+    ):
+        if content:
+            pipe.hset(name, mapping={k: json.dumps(v) for k, v in content.items()})
+            pipe.expire(name, JOB_TTL)
+    pipe.zadd(keys.jobs(prefix), {job_id: time.time()})
     pipe.execute()
+
+
+def read_scans(client, prefix: str, job_id: str) -> dict[str, dict]:
+    """scan key -> {scan: payload, callback: task id}, as registered."""
+    scans = client.hgetall(keys.job_scans(prefix, job_id))
+    return {_str(k): json.loads(v) for k, v in scans.items()}
 
 
 def add_frames(client, prefix: str, job_id: str, count: int) -> None:
     client.hincrby(keys.job_progress(prefix, job_id), "frames_done", count)
 
 
-def mark_done(client, prefix: str, job_id: str) -> None:
-    client.hincrby(keys.job_progress(prefix, job_id), "files_done", 1)
+def mark_done(client, prefix: str, job_id: str, task_id: str, info: dict) -> None:
+    """Count a finished file and record where it ran (worker, queue, GPU) and how long."""
+    pipe = client.pipeline()
+    pipe.hincrby(keys.job_progress(prefix, job_id), "files_done", 1)
+    pipe.hset(keys.job_done(prefix, job_id), task_id, json.dumps(info))
+    pipe.expire(keys.job_done(prefix, job_id), JOB_TTL)
+    pipe.execute()
+
+
+def read_done(client, prefix: str, job_id: str) -> dict[str, dict]:
+    """task_id -> where and how each finished file ran."""
+    done = client.hgetall(keys.job_done(prefix, job_id))
+    return {_str(k): json.loads(v) for k, v in done.items()}
 
 
 def mark_failed(client, prefix: str, job_id: str, task_id: str, failure: dict) -> None:

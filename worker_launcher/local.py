@@ -1,24 +1,25 @@
-"""Celery workers on this machine, started as fresh processes.
+"""Celery workers on this machine: the job script of :mod:`.script`, run with bash.
 
 Fresh processes, not forks of the caller: the caller may have run pyFAI (OpenMP), and a
 forked OpenMP runtime hangs. Each worker is a prefork pool whose children build their own
-pyFAI engines; the broker URL reaches them through the environment only.
+pyFAI engines. A worker of GPU slot k sees only its GPU through CUDA_VISIBLE_DEVICES, as
+under SLURM.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
-import sys
 import uuid
 from dataclasses import dataclass, field
 
-import tasks
-from tasks import keys
-from tasks.app import BROKER_ENV, TIME_LIMIT_ENV
 from tasks.config import Config
+from tasks.errors import WorkerError
+
+from .script import WorkerSpec, assemble_spec, gpu_spec, job_script
 
 
 @dataclass
@@ -45,6 +46,13 @@ class LocalWorkers:
     def dead(self) -> list[WorkerProcess]:
         return [w for w in self.workers if not w.alive()]
 
+    def check(self) -> None:
+        """Raise if any worker exited: a local run has no other worker to fall back on."""
+        for worker in self.dead():
+            raise WorkerError(
+                f"worker {worker.name} exited (log {worker.log}): {worker.log_tail(3)}"
+            )
+
     def stop(self, timeout: float = 20.0) -> None:
         """Warm shutdown (SIGTERM), then SIGKILL of whatever is left of each process group."""
         for worker in self.workers:
@@ -56,76 +64,70 @@ class LocalWorkers:
             worker.process.wait(5)
 
 
-def start_local_workers(
-    config: Config, broker_url: str, log_dir: str, slot: int = 0
-) -> LocalWorkers:
-    """One integration worker on the queue of GPU slot ``slot`` and one assembly worker."""
-    comp, prefix = config.computations, config.queue.queue_prefix
-    os.makedirs(log_dir, exist_ok=True)
-    tag = uuid.uuid4().hex[:6]
-    workers = LocalWorkers()
+def local_specs(config: Config, gpus: list[str]) -> list[tuple[WorkerSpec, dict[str, str]]]:
+    """One integration worker per GPU id (slot k sees GPU gpus[k]) or one CPU worker (slot 0),
+    and one assembly worker."""
     specs = [
-        (
-            f"gpu{slot}",
-            keys.gpu_queue(prefix, slot),
-            comp.ai_engines_per_worker,
-            comp.cores_per_worker,
-        ),
-        ("assemble", keys.assemble_queue(prefix), 1, comp.cores_per_worker),
-    ]
+        (gpu_spec(config, slot), {"CUDA_VISIBLE_DEVICES": gpu}) for slot, gpu in enumerate(gpus)
+    ] or [(gpu_spec(config, 0), {})]
+    return specs + [(assemble_spec(config), {})]
+
+
+def start_local_workers(
+    config: Config, url_file: str, folder: str, gpus: list[str] | None = None
+) -> LocalWorkers:
+    """Start the workers of :func:`local_specs`; scripts and logs go to ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    workers = LocalWorkers()
     try:
-        for role, queue, concurrency, threads in specs:
-            name = f"ringflow-{role}-{tag}@%h"
-            log = os.path.join(log_dir, f"worker-{role}-{tag}.log")
-            command = worker_command(queue, concurrency, name, config.pipeline.verbosity)
-            env = worker_env(broker_url, threads, config.queue.task_time_limit)
-            with open(log, "ab") as out:
-                process = subprocess.Popen(
-                    command,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            workers.workers.append(WorkerProcess(name, log, process))
+        for spec, env in local_specs(config, gpus or []):
+            workers.workers.append(_start(config, spec, env, url_file, folder))
     except BaseException:  # Ctrl-C between two starts: leave nothing behind
         workers.stop()
         raise
     return workers
 
 
-def worker_command(queue: str, concurrency: int, name: str, verbosity: int = 2) -> list[str]:
-    level = {0: "WARNING", 1: "WARNING", 2: "INFO", 3: "DEBUG"}.get(verbosity, "INFO")
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "tasks.app",
-        "worker",
-        "--pool=prefork",
-        f"--concurrency={concurrency}",
-        "-Q",
-        queue,
-        "-n",
-        name,
-        "--without-gossip",
-        "--without-mingle",
-        f"--loglevel={level}",
-        "-E",
-    ]
+def _start(config: Config, spec: WorkerSpec, env: dict, url_file: str, folder: str):
+    tag = "l" + uuid.uuid4().hex[:6]
+    script = os.path.join(folder, f"worker-{spec.role}-{tag}.sh")
+    with open(script, "w") as fh:
+        fh.write(job_script(config, spec, url_file, folder))
+    log = os.path.join(folder, f"worker-{spec.role}-{tag}.log")
+    full_env = dict(os.environ) | env | {"RINGFLOW_NODE_TAG": tag}
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [shutil.which("bash") or "/bin/bash", script],
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return WorkerProcess(f"{spec.role}-{tag}", log, process)
 
 
-def worker_env(broker_url: str, threads: int, time_limit: int) -> dict[str, str]:
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(tasks.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    env[BROKER_ENV] = broker_url
-    env[TIME_LIMIT_ENV] = str(time_limit)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(threads)
-    return env
+def visible_gpus() -> list[str]:
+    """GPU ids of this machine: $CUDA_VISIBLE_DEVICES if set, else nvidia-smi's list."""
+    from tasks.gpu import granted_gpus
+
+    granted = granted_gpus()
+    if granted:
+        return granted
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

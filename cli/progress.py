@@ -1,0 +1,65 @@
+"""The live progress bar of a job and its final report, shared by run and integrate-slurm."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tasks.jobs import JobPlan
+from worker_launcher.watch import JobSummary
+
+from .common import err, say
+
+
+@contextmanager
+def job_progress(plan: JobPlan, quiet: bool) -> Iterator[Callable]:
+    """A rich progress bar on stderr; yields the ``on_progress(progress, elapsed)`` callback."""
+    for problem in plan.problems:
+        say("error", str(problem))
+    for output in plan.skipped:
+        say("skipped", f"{output} (existing_output = {plan.config.output.existing_output})")
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn(
+            "{task.fields[files]} files  {task.completed:.0f}/{task.total:.0f} frames  "
+            "{task.fields[rate]:.1f} frames/s  {task.fields[failed]} failed"
+        ),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=err, disable=quiet, transient=False) as bar:
+        task = bar.add_task(
+            f"job {plan.job_id}", total=plan.n_frames, files="0/0", rate=0.0, failed=0
+        )
+        n_files = len(plan.file_tasks)
+
+        def update(progress, elapsed: float) -> None:
+            bar.update(
+                task,
+                completed=progress.frames_done,
+                failed=progress.files_failed,
+                files=f"{progress.files_done}/{n_files}",
+                rate=progress.frames_done / elapsed if elapsed > 0 else 0.0,
+            )
+
+        yield update
+
+
+def report(summary: JobSummary, as_json: bool) -> None:
+    """Failures and totals on stderr; outputs (or the JSON summary) on stdout."""
+    for failure in summary.files_failed:
+        say("failed", failure["message"])
+    rate = summary.frames / summary.seconds if summary.seconds else 0.0
+    err.print(
+        f"{summary.files_done}/{summary.files_total} files, {summary.frames} frames in "
+        f"{summary.seconds:.1f} s ({rate:.1f} frames/s)"
+    )
+    if as_json:
+        typer.echo(json.dumps(summary.as_dict()))
+    else:
+        for output in summary.outputs:
+            typer.echo(output)

@@ -1,0 +1,45 @@
+"""ringflow integrate-slurm: SLURM workers, enqueue, live progress, outputs."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import typer
+
+from tasks.errors import ConfigError, RingflowError
+from worker_launcher.broker import check_broker, shared_broker_url
+from worker_launcher.distributed import integrate_on_slurm
+
+from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, fail, load_config, say
+from .progress import job_progress, report
+from .run_cmd import interrupt, plan_or_fail
+
+
+def integrate_slurm(
+    config: Path = typer.Argument(..., help="Configuration file (INI)."),
+    keep_workers: bool = typer.Option(
+        False, "--keep-workers", help="Leave the worker jobs running for the next dataset."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
+) -> None:
+    """Submit (or reuse) SLURM workers, enqueue every file, follow the job, report outputs."""
+    cfg = load_config(config)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        url = shared_broker_url(cfg, "integrate-slurm")
+        check_broker(url)
+        plan = plan_or_fail(cfg, check_device=False)
+        with job_progress(plan, quiet=as_json) as update:
+            summary = integrate_on_slurm(
+                cfg, plan, url, keep_workers, update, lambda text: say("slurm", text)
+            )
+    except KeyboardInterrupt:
+        say("interrupted", "stopped following the job")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except ConfigError as exc:
+        fail(exc, EXIT_USAGE)
+    except RingflowError as exc:
+        fail(exc, EXIT_FAILED)
+    report(summary, as_json)
+    raise typer.Exit(0 if summary.ok else EXIT_FAILED)

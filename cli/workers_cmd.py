@@ -1,0 +1,154 @@
+"""ringflow workers submit|list|stop|local: the deployment's Celery workers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from tasks.app import configure
+from tasks.config import redact_url
+from tasks.errors import RingflowError
+from worker_launcher.broker import check_broker, shared_broker_url, write_url_file
+from worker_launcher.local import start_local_workers, visible_gpus
+from worker_launcher.nodes import forget_dead, live_nodes
+from worker_launcher.slurm import SlurmLauncher
+
+from .common import EXIT_FAILED, EXIT_INTERRUPTED, err, fail, load_config, say
+from .run_cmd import interrupt
+
+app = typer.Typer(help="Start, list and stop the deployment's workers.", no_args_is_help=True)
+CONFIG = typer.Argument(..., help="Configuration file (INI).")
+
+
+def _broker(config, command: str) -> str:
+    url = shared_broker_url(config, command)
+    check_broker(url)
+    return url
+
+
+@app.command()
+def submit(
+    config: Path = CONFIG,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the job scripts, submit none."),
+) -> None:
+    """Submit n_workers SLURM jobs (one GPU each) and the assembly job; running ones are kept."""
+    cfg = load_config(config)
+    launcher = SlurmLauncher(cfg)
+    try:
+        if dry_run:
+            for spec in launcher.specs():
+                typer.echo(f"# ---- {spec.job_name}.sh ----")
+                typer.echo(launcher.script(spec))
+            return
+        for spec, job_id, new in launcher.submit(_broker(cfg, "workers submit")):
+            typer.echo(f"{job_id}\t{spec.job_name}\t{'submitted' if new else 'already queued'}")
+    except RingflowError as exc:
+        fail(exc, EXIT_FAILED)
+    say("logs", launcher.log_dir)
+
+
+@app.command("list")
+def list_(
+    config: Path = CONFIG,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """The deployment's SLURM jobs and the Celery workers that answer now."""
+    cfg = load_config(config)
+    prefix = cfg.queue.queue_prefix
+    try:
+        url = _broker(cfg, "workers list")
+        nodes = live_nodes(configure(url), prefix)
+        jobs = _slurm_jobs_or_none(cfg)
+    except RingflowError as exc:
+        fail(exc, EXIT_FAILED)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "slurm": [j.as_dict() for j in jobs or []],
+                    "nodes": [n.as_dict(prefix) for n in nodes],
+                }
+            )
+        )
+        return
+    table = Table("SLURM job", "name", "state", "node/reason", "Celery worker", "queues", "GPU")
+    unmatched = list(nodes)
+    for job in jobs or []:
+        node = next((n for n in unmatched if n.slurm_job == job.job_id), None)
+        if node:
+            unmatched.remove(node)
+        where = job.node if job.state == "RUNNING" else job.reason
+        table.add_row(job.job_id, job.name, job.state, where, *_node_cells(node))
+    for node in unmatched:  # workers not started by SLURM (workers local, ringflow run)
+        table.add_row("-", "", "", "", *_node_cells(node))
+    err.print(table)
+    say("broker", redact_url(url))
+
+
+def _slurm_jobs_or_none(cfg):
+    try:
+        return SlurmLauncher(cfg).jobs()
+    except RingflowError as exc:
+        say("warning", f"no SLURM view: {exc}")
+        return None
+
+
+def _node_cells(node) -> tuple[str, str, str]:
+    if node is None:
+        return "- (not answering)", "", ""
+    gpus = node.info.get("gpus") or {}
+    gpu = gpus.get("CUDA_VISIBLE_DEVICES", "") or ",".join(gpus.values())
+    return node.name, ", ".join(node.queues), gpu
+
+
+@app.command()
+def stop(config: Path = CONFIG) -> None:
+    """Cancel the deployment's SLURM jobs and wait until squeue no longer lists them."""
+    cfg = load_config(config)
+    try:
+        cancelled = SlurmLauncher(cfg).cancel()
+        url = cfg.broker_url()
+        if url:
+            app_ = configure(url)
+            forget_dead(app_, cfg.queue.queue_prefix, live_nodes(app_, cfg.queue.queue_prefix))
+    except RingflowError as exc:
+        fail(exc, EXIT_FAILED)
+    typer.echo(f"cancelled: {' '.join(cancelled) or 'none'}")
+
+
+@app.command()
+def local(
+    config: Path = CONFIG,
+    gpus: str = typer.Option(
+        None, "--gpus", help="GPU ids, e.g. 0,1 (default: all visible; none: one CPU worker)."
+    ),
+) -> None:
+    """Run the deployment's workers on this machine until Ctrl-C: one per GPU, or one CPU one."""
+    cfg = load_config(config)
+    signal.signal(signal.SIGTERM, interrupt)
+    ids = [g for g in (gpus.split(",") if gpus is not None else visible_gpus()) if g.strip()]
+    workers = None
+    try:
+        url = _broker(cfg, "workers local")
+        launcher = SlurmLauncher(cfg)  # same folder layout as SLURM workers
+        url_file = write_url_file(launcher.folder, url)
+        workers = start_local_workers(cfg, url_file, f"{launcher.folder}/logs/local", ids)
+        for worker in workers.workers:
+            say("started", f"{worker.name} (log {worker.log})")
+        while True:
+            workers.check()
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        say("interrupted", "stopping the workers")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except RingflowError as exc:
+        fail(exc, EXIT_FAILED)
+    finally:
+        if workers is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            workers.stop()

@@ -1,0 +1,160 @@
+"""Jobs on shared workers (SLURM or `workers local`): enqueue, wait for workers, supervise.
+
+The supervisor runs in the client while it watches a job. It raises when no worker of the
+deployment is left, and moves the files of a GPU queue that has had no live consumer for
+``[queue] stranded_after`` seconds to the queues of live workers, so that no file waits
+forever for a worker that died or never started.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tasks import keys
+from tasks.app import configure
+from tasks.config import Config
+from tasks.errors import WorkerError
+from tasks.jobs import JobPlan, submit
+from tasks.queues import gpu_slot, move_pending, pending_files
+
+from .nodes import Node, live_nodes
+from .slurm import SlurmLauncher
+from .watch import JobSummary, new_summary, summarise, watch
+
+CHECK_EVERY_S = 2.0
+
+
+def target_slots(config: Config, nodes: list[Node]) -> list[int]:
+    """Slots to spread files over: the configured workers' and any live worker's."""
+    prefix = config.queue.queue_prefix
+    live = {slot for node in nodes for slot in node.slots(prefix)}
+    return sorted(live | set(range(config.computations.n_workers)))
+
+
+def enqueue(app, plan: JobPlan) -> dict[str, str]:
+    """Send the plan's files to the GPU queues of the deployment; scan -> callback id."""
+    nodes = live_nodes(app, plan.config.queue.queue_prefix)
+    return submit(app, plan, target_slots(plan.config, nodes))
+
+
+def wait_for_workers(
+    app, config: Config, launcher: SlurmLauncher | None, timeout: float
+) -> list[Node]:
+    """Wait until a GPU worker and the assembly worker answer; WorkerError after ``timeout``."""
+    prefix = config.queue.queue_prefix
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = live_nodes(app, prefix)
+        queues = {q for node in nodes for q in node.queues}
+        has_gpu = any(node.slots(prefix) for node in nodes)
+        if has_gpu and keys.assemble_queue(prefix) in queues:
+            return nodes
+        jobs = launcher.jobs() if launcher else []
+        if launcher and not any(job.active for job in jobs):
+            raise WorkerError(f"no worker job of '{prefix}' is queued or running in SLURM")
+        if time.monotonic() > deadline:
+            raise WorkerError(
+                f"no worker came up within {timeout:.0f} s "
+                f"([queue] worker_start_timeout){_slurm_states(launcher, jobs)}"
+            )
+        time.sleep(1.0)
+
+
+def _slurm_states(launcher: SlurmLauncher | None, jobs) -> str:
+    if not launcher:
+        return ""
+    states = "; ".join(f"{j.name} {j.job_id} {j.state} ({j.reason})" for j in jobs)
+    return f"; SLURM: {states or 'no job'}; logs in {launcher.log_dir}"
+
+
+@dataclass
+class ClusterSupervisor:
+    """Checks the deployment's workers while a job runs (see the module docstring)."""
+
+    app: object
+    config: Config
+    launcher: SlurmLauncher | None = None
+    on_event: Callable[[str], None] = print
+    _last_check: float = 0.0
+    _no_worker_since: float | None = None
+    _stranded_since: dict[str, float] = field(default_factory=dict)
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now - self._last_check < CHECK_EVERY_S:
+            return
+        self._last_check = now
+        prefix = self.config.queue.queue_prefix
+        nodes = live_nodes(self.app, prefix)
+        live_queues = {q for node in nodes for q in node.queues}
+        if any(node.slots(prefix) for node in nodes) and keys.assemble_queue(prefix) in live_queues:
+            self._no_worker_since = None
+        else:
+            self._workers_missing(now)
+        self._rebalance(now, live_queues)
+
+    def _workers_missing(self, now: float) -> None:
+        self._no_worker_since = self._no_worker_since or now
+        jobs = self.launcher.jobs() if self.launcher else []
+        if self.launcher and not any(job.active for job in jobs):
+            raise WorkerError(
+                "all workers are gone: no worker job is queued or running in SLURM; "
+                f"logs in {self.launcher.log_dir}"
+            )
+        waited = now - self._no_worker_since
+        if waited > self.config.queue.worker_start_timeout:
+            raise WorkerError(
+                f"no GPU or assembly worker answered for {waited:.0f} s "
+                f"([queue] worker_start_timeout){_slurm_states(self.launcher, jobs)}"
+            )
+
+    def _rebalance(self, now: float, live_queues: set[str]) -> None:
+        prefix = self.config.queue.queue_prefix
+        client = self.app.backend.client
+        live = sorted(q for q in live_queues if gpu_slot(prefix, q) is not None)
+        for queue in list(pending_files(client, prefix)):
+            if queue in live_queues:
+                self._stranded_since.pop(queue, None)
+                continue
+            since = self._stranded_since.setdefault(queue, now)
+            if live and now - since >= self.config.queue.stranded_after:
+                moved = move_pending(client, prefix, queue, live)
+                self.on_event(
+                    f"{moved} files moved from {queue} (no live worker) to {', '.join(live)}"
+                )
+                self._stranded_since.pop(queue, None)
+
+
+def integrate_on_slurm(
+    config: Config,
+    plan: JobPlan,
+    broker_url: str,
+    keep_workers: bool,
+    on_progress: Callable,
+    on_event: Callable[[str], None],
+) -> JobSummary:
+    """Submit (or reuse) the SLURM workers, enqueue the plan, follow it to the end."""
+    start = time.monotonic()
+    summary = new_summary(plan)
+    app = configure(broker_url, config.queue.task_time_limit)
+    launcher = SlurmLauncher(config)
+    try:
+        for spec, job_id, new in launcher.submit(broker_url):
+            on_event(f"{spec.job_name}: SLURM job {job_id} {'submitted' if new else 'reused'}")
+        if plan.scans:
+            nodes = wait_for_workers(app, config, launcher, config.queue.worker_start_timeout)
+            on_event(f"{len(nodes)} workers alive: {', '.join(n.name for n in nodes)}")
+            callbacks = submit(app, plan, target_slots(config, nodes))
+            on_event(f"job {plan.job_id}: {len(plan.file_tasks)} files enqueued")
+            supervisor = ClusterSupervisor(app, config, launcher, on_event)
+            hint = f"worker logs in {launcher.log_dir}"
+            outcomes = watch(app, plan, callbacks, supervisor, on_progress, hint)
+            summarise(summary, app, plan, outcomes)
+    finally:
+        if not keep_workers:
+            cancelled = launcher.cancel()
+            on_event(f"worker jobs cancelled: {', '.join(cancelled) or 'none'}")
+    summary.seconds = time.monotonic() - start
+    return summary

@@ -1,0 +1,150 @@
+"""The worker job script: one template, submitted to SLURM or run here with bash.
+
+``ringflow workers submit`` hands it to sbatch; ``workers local`` and ``ringflow run`` run the
+same text with bash, where the #SBATCH lines are comments. Every value is shell-quoted. The
+broker URL holds the Redis password, so the script only names the 0600 file that holds it:
+``--dry-run`` output, SLURM's stored copy and ``ps`` never show the secret.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+
+import tasks
+from tasks import keys
+from tasks.config import Config
+from tasks.errors import ConfigError
+
+JOB_SCRIPT = """\
+#!/bin/bash
+{directives}
+# ringflow worker {node_base}: deployment {prefix_q}, queue {queue}.
+set -eu
+unset RINGFLOW_BROKER_URL
+export RINGFLOW_BROKER_URL_FILE={url_file}
+export RINGFLOW_TASK_TIME_LIMIT={time_limit}
+export RINGFLOW_QUEUE_PREFIX={prefix_q}
+export RINGFLOW_ROLE={role}
+export RINGFLOW_SLOT={slot}
+export OMP_NUM_THREADS={threads} OPENBLAS_NUM_THREADS={threads} MKL_NUM_THREADS={threads}
+export PYTHONPATH={pythonpath}"${{PYTHONPATH:+:$PYTHONPATH}}"
+# exec: the worker itself gets SLURM's --signal, for a warm shutdown before the time limit.
+exec {python} -m celery -A tasks.app worker --pool=prefork --concurrency={concurrency} \\
+    -Q {queue} -n {node_base}-"${{RINGFLOW_NODE_TAG:-j${{SLURM_JOB_ID:-$$}}}}"@%h \\
+    --without-gossip --without-mingle -E --loglevel={loglevel}
+"""
+
+LOG_LEVELS = {0: "WARNING", 1: "WARNING", 2: "INFO", 3: "DEBUG"}
+_SAFE = re.compile(r"[A-Za-z0-9_.:,=+/@%\-]+")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One Celery worker: an integration worker of GPU slot k, or the assembly worker."""
+
+    role: str  # "gpu<k>" or "assemble"
+    slot: int | None
+    queue: str
+    concurrency: int
+    threads: int  # per process (OMP / decompression)
+    cpus: int  # what the SLURM job asks for
+    gres: str  # e.g. gpu:1; empty: none
+
+    @property
+    def job_name(self) -> str:
+        return keys.job_name(self.queue.rsplit(".", 1)[0], self.role)
+
+
+def gpu_spec(config: Config, slot: int) -> WorkerSpec:
+    comp = config.computations
+    cpus = comp.cpus_per_worker or comp.ai_engines_per_worker * comp.cores_per_worker
+    return WorkerSpec(
+        role=f"gpu{slot}",
+        slot=slot,
+        queue=keys.gpu_queue(config.queue.queue_prefix, slot),
+        concurrency=comp.ai_engines_per_worker,
+        threads=comp.cores_per_worker,
+        cpus=cpus,
+        gres=comp.gres,
+    )
+
+
+def assemble_spec(config: Config) -> WorkerSpec:
+    cores = config.computations.assemble_cores
+    return WorkerSpec(
+        role="assemble",
+        slot=None,
+        queue=keys.assemble_queue(config.queue.queue_prefix),
+        concurrency=1,
+        threads=cores,
+        cpus=cores,
+        gres="",
+    )
+
+
+def job_script(config: Config, spec: WorkerSpec, url_file: str, log_dir: str) -> str:
+    """The full script text for ``spec``; SLURM directives included, no secret in it."""
+    comp = config.computations
+    prefix = config.queue.queue_prefix
+    return JOB_SCRIPT.format(
+        directives="\n".join(
+            f"#SBATCH {line}" for line in sbatch_directives(config, spec, log_dir)
+        ),
+        node_base=shlex.quote(keys.node_name(prefix, spec.role, "").rstrip("-")),
+        prefix_q=shlex.quote(prefix),
+        queue=shlex.quote(spec.queue),
+        url_file=shlex.quote(url_file),
+        time_limit=int(config.queue.task_time_limit),
+        role=shlex.quote(spec.role),
+        slot="" if spec.slot is None else int(spec.slot),
+        threads=int(spec.threads),
+        pythonpath=shlex.quote(project_root()),
+        python=shlex.quote(comp.python_executables or sys.executable),
+        concurrency=int(spec.concurrency),
+        loglevel=LOG_LEVELS.get(config.pipeline.verbosity, "INFO"),
+    )
+
+
+def sbatch_directives(config: Config, spec: WorkerSpec, log_dir: str) -> list[str]:
+    comp = config.computations
+    lines = [
+        f"--job-name={spec.job_name}",
+        f"--partition={comp.partition}",
+        "--nodes=1",
+        "--ntasks=1",
+        f"--cpus-per-task={spec.cpus}",
+        f"--mem={slurm_memory(comp.memory_per_worker)}",
+        f"--time={comp.time}",
+        f"--signal=B:TERM@{comp.warm_shutdown_s}",
+        f"--output={_directive_path(os.path.join(log_dir, '%x-%j.log'), 'workspace_path')}",
+        "--open-mode=append",
+    ]
+    if spec.gres:
+        lines.insert(4, f"--gres={spec.gres}")
+    return lines + list(comp.sbatch_options)
+
+
+def slurm_memory(text: str) -> str:
+    """'100GB' -> '100G': sbatch wants a number with an optional K/M/G/T suffix."""
+    match = re.fullmatch(r"(\d+)\s*([KMGT]?)B?", text.strip(), flags=re.IGNORECASE)
+    if not match:
+        raise ConfigError("computations distribution", "memory_per_worker", text, "bad size")
+    return match.group(1) + match.group(2).upper()
+
+
+def _directive_path(path: str, key: str) -> str:
+    """A path as an #SBATCH value: sbatch reads these lines itself, not through a shell."""
+    if _SAFE.fullmatch(path):
+        return path
+    if '"' in path or "\n" in path:
+        raise ConfigError("computations distribution", key, path, "quotes/newlines in a path")
+    return f'"{path}"'
+
+
+def project_root() -> str:
+    """The folder holding the tasks package: workers import it from there."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(tasks.__file__)))

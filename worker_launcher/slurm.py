@@ -1,0 +1,143 @@
+"""Workers as SLURM jobs: one job per GPU slot and one assembly job, named after the deployment.
+
+Every SLURM command goes through :func:`call`, which raises :class:`SlurmError` carrying the
+command, its exit code and SLURM's own message (shown to the user as is).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+
+from tasks import keys
+from tasks.config import Config
+from tasks.errors import WorkerError
+from tasks.outputs import deployment_dir
+
+from .broker import write_url_file
+from .script import WorkerSpec, assemble_spec, gpu_spec, job_script
+
+JOB_ID = re.compile(r"^(?P<job_id>\d+)(;\S+)?$")
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
+SQUEUE_FORMAT = "%i|%j|%T|%r|%N|%M"
+CALL_TIMEOUT = 60
+
+
+class SlurmError(WorkerError):
+    def __init__(self, command: list[str], code: int | None, message: str):
+        self.command, self.code, self.message = command, code, message
+        status = "timed out" if code is None else f"exit {code}"
+        super().__init__(f"{command[0]} failed ({status}): {message}")
+
+
+def call(command: list[str], timeout: float = CALL_TIMEOUT) -> str:
+    """Run a SLURM command; its stdout, or SlurmError with what SLURM said."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise SlurmError(command, 127, "not found: is SLURM's client installed here?") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError(command, None, f"no answer within {timeout:.0f} s") from None
+    if done.returncode != 0:
+        message = (done.stderr.strip() or done.stdout.strip() or "no message").splitlines()
+        raise SlurmError(command, done.returncode, " ".join(message))
+    return done.stdout
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    job_id: str
+    name: str
+    state: str
+    reason: str
+    node: str
+    elapsed: str
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class SlurmLauncher:
+    """Submit, list and cancel the worker jobs of one deployment ([queue] queue_prefix)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.prefix = config.queue.queue_prefix
+        self.folder = deployment_dir(config)
+        self.log_dir = os.path.join(self.folder, "logs", "slurm")
+
+    def specs(self) -> list[WorkerSpec]:
+        slots = range(self.config.computations.n_workers)
+        return [gpu_spec(self.config, k) for k in slots] + [assemble_spec(self.config)]
+
+    def script(self, spec: WorkerSpec) -> str:
+        return job_script(self.config, spec, self.url_file, self.log_dir)
+
+    @property
+    def url_file(self) -> str:
+        return os.path.join(self.folder, "broker.url")
+
+    def jobs(self) -> list[SlurmJob]:
+        """This user's SLURM jobs of this deployment, as squeue shows them."""
+        out = call(["squeue", "--me", "-h", "-o", SQUEUE_FORMAT])
+        name_start = keys.job_name(self.prefix, "")
+        found = []
+        for line in out.splitlines():
+            parts = line.split("|")
+            if len(parts) == 6 and parts[1].startswith(name_start):
+                found.append(SlurmJob(*parts))
+        return found
+
+    def submit(self, broker_url: str) -> list[tuple[WorkerSpec, str, bool]]:
+        """Submit every worker job not already queued or running: (spec, job id, new?)."""
+        write_url_file(self.folder, broker_url)
+        os.makedirs(self.log_dir, exist_ok=True)
+        running = {job.name: job.job_id for job in self.jobs() if job.active}
+        submitted = []
+        for spec in self.specs():
+            if spec.job_name in running:
+                submitted.append((spec, running[spec.job_name], False))
+                continue
+            submitted.append((spec, self._sbatch(spec), True))
+        return submitted
+
+    def _sbatch(self, spec: WorkerSpec) -> str:
+        path = os.path.join(self.folder, "scripts", f"{spec.job_name}.sh")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as fh:
+            fh.write(self.script(spec))
+        out = call(["sbatch", "--parsable", path]).strip()
+        match = JOB_ID.match(out.splitlines()[-1] if out else "")
+        if not match:
+            raise SlurmError(["sbatch"], 0, f"unexpected answer {out!r}")
+        return match.group("job_id")
+
+    def cancel(self, timeout: float = 60.0) -> list[str]:
+        """scancel every job of the deployment and wait until squeue no longer lists them."""
+        ids = [job.job_id for job in self.jobs() if job.active]
+        if ids:
+            call(["scancel", *ids])
+        deadline = time.monotonic() + timeout
+        while ids and time.monotonic() < deadline:
+            if not {job.job_id for job in self.jobs() if job.active} & set(ids):
+                return ids
+            time.sleep(0.5)
+        left = {job.job_id for job in self.jobs() if job.active} & set(ids)
+        if left:
+            raise SlurmError(["scancel"], 0, f"jobs {', '.join(sorted(left))} still listed")
+        return ids
+
+    def log_tail(self, job: SlurmJob, lines: int = 3) -> str:
+        path = os.path.join(self.log_dir, f"{job.name}-{job.job_id}.log")
+        try:
+            with open(path, errors="replace") as fh:
+                return "".join(fh.readlines()[-lines:]).strip()
+        except OSError:
+            return ""

@@ -1,0 +1,116 @@
+"""Following a submitted job until each scan's callback has an outcome, then summarising it.
+
+Every wait is bounded: the supervisor's ``check()`` raises when the workers are gone, and a
+job that makes no progress for ``[queue] stall_timeout`` seconds ends with an error.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tasks import registry
+from tasks.errors import WorkerError
+from tasks.jobs import JobPlan
+
+POLL_S = 0.25
+
+
+class Supervisor(Protocol):
+    def check(self) -> None:
+        """Raise WorkerError when the job cannot finish (workers dead); may fix queues."""
+
+
+@dataclass
+class JobSummary:
+    job_id: str
+    files_total: int
+    files_done: int = 0
+    files_failed: list[dict] = field(default_factory=list)
+    frames: int = 0
+    outputs: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.files_failed
+
+    def as_dict(self) -> dict:
+        return {
+            "job_id": self.job_id,
+            "files_total": self.files_total,
+            "files_done": self.files_done,
+            "files_failed": self.files_failed,
+            "frames": self.frames,
+            "outputs": self.outputs,
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def new_summary(plan: JobPlan) -> JobSummary:
+    """A summary that already lists the plan's problems (files that could not be planned)."""
+    summary = JobSummary(
+        plan.job_id, len(plan.file_tasks) + len(plan.problems), skipped=list(plan.skipped)
+    )
+    summary.files_failed += [
+        {"file": getattr(p, "path", ""), "message": str(p)} for p in plan.problems
+    ]
+    return summary
+
+
+def watch(
+    app,
+    plan: JobPlan,
+    callbacks: dict[str, str],
+    supervisor: Supervisor,
+    on_progress: Callable[[registry.Progress, float], None],
+    log_hint: str = "",
+) -> dict:
+    """Wait for every scan callback; returns scan key -> callback result."""
+    client, prefix = app.backend.client, plan.config.queue.queue_prefix
+    stall = plan.config.queue.stall_timeout
+    start = last_change = time.monotonic()
+    last_state, outcomes = None, {}
+    pending = dict(callbacks)
+    while pending:
+        for key, task_id in list(pending.items()):
+            meta = app.backend.get_task_meta(task_id)
+            if meta["status"] in ("SUCCESS", "FAILURE", "REVOKED"):
+                outcomes[key] = meta["result"]
+                del pending[key]
+        progress = registry.read_progress(client, prefix, plan.job_id)
+        now = time.monotonic()
+        on_progress(progress, now - start)
+        state = (progress.frames_done, progress.files_done, progress.files_failed, len(pending))
+        if state != last_state:
+            last_state, last_change = state, now
+        if pending:
+            supervisor.check()
+        if pending and now - last_change > stall:
+            raise WorkerError(f"no progress for {stall} s ([queue] stall_timeout); {log_hint}")
+        if pending:
+            time.sleep(POLL_S)
+    return outcomes
+
+
+def summarise(summary: JobSummary, app, plan: JobPlan, outcomes: dict) -> None:
+    progress = registry.read_progress(
+        app.backend.client, plan.config.queue.queue_prefix, plan.job_id
+    )
+    summary.files_done = progress.files_done
+    summary.frames = progress.frames_done
+    summary.files_failed += [
+        {"file": f["file"], "message": f["message"]} for f in progress.failures.values()
+    ]
+    for scan, _ in plan.scans:
+        outcome = outcomes.get(scan.scan_key)
+        if isinstance(outcome, dict) and outcome.get("status") == "done":
+            summary.outputs.append(outcome["output"])
+        elif isinstance(outcome, dict) and outcome.get("status") == "failed":
+            summary.files_failed.append({"file": scan.output, "message": outcome["message"]})
+        elif not isinstance(outcome, dict):
+            summary.files_failed.append({"file": scan.output, "message": f"assembly: {outcome}"})
