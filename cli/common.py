@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -26,6 +28,28 @@ def load_config(path: Path) -> Config:
     for warning in config.warnings:
         say("warning", f"{path}: {warning}")
     return config
+
+
+def broker_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions meaning the broker went away mid-command (not a ringflow bug)."""
+    import kombu.exceptions
+    import redis
+
+    return (redis.RedisError, kombu.exceptions.OperationalError, ConnectionError)
+
+
+@contextmanager
+def user_errors(code: int = EXIT_FAILED) -> Iterator[None]:
+    """Turn ringflow errors and a lost broker into one line and an exit code; no traceback."""
+    try:
+        yield
+    except ConfigError as exc:
+        fail(exc, EXIT_USAGE)
+    except RingflowError as exc:
+        fail(exc, code)
+    except broker_errors() as exc:
+        say("error", f"lost the connection to the broker: {str(exc).splitlines()[0]}")
+        raise typer.Exit(code) from None
 
 
 def fail(exc: RingflowError, code: int = EXIT_USAGE) -> None:

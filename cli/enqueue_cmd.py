@@ -7,26 +7,23 @@ from pathlib import Path
 import typer
 
 from tasks.app import configure
-from tasks.errors import RingflowError
 from worker_launcher.broker import check_broker, shared_broker_url
 from worker_launcher.distributed import enqueue as enqueue_plan
 
-from .common import EXIT_FAILED, fail, load_config, say
+from .common import EXIT_FAILED, load_config, say, user_errors
 from .run_cmd import plan_or_fail
 
 
 def enqueue(config: Path = typer.Argument(..., help="Configuration file (INI).")) -> None:
     """Register a job and enqueue its files, balanced over the GPU queues; print the job id."""
     cfg = load_config(config)
-    try:
+    with user_errors():
         url = shared_broker_url(cfg, "enqueue")
         check_broker(url)
         plan = plan_or_fail(cfg, check_device=False)
         for problem in plan.problems:
             say("error", str(problem))
         callbacks = enqueue_plan(configure(url, cfg.queue.task_time_limit), plan)
-    except RingflowError as exc:
-        fail(exc, EXIT_FAILED)
     say(
         "enqueued",
         f"{len(plan.file_tasks)} files, {plan.n_frames} frames, {len(callbacks)} scans",

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import typer
 
-from tasks.errors import RingflowError
 from worker_launcher.broker import check_broker, shared_broker_url
 from worker_launcher.flower import flower_command
 
-from .common import EXIT_FAILED, EXIT_INTERRUPTED, fail, load_config, say
+from .common import EXIT_INTERRUPTED, load_config, say, user_errors
 
 
 def flower(
@@ -23,12 +22,10 @@ def flower(
 ) -> None:
     """Monitor queued and running tasks in a browser; Prometheus metrics at /metrics."""
     cfg = load_config(config)
-    try:
+    with user_errors():
         url = shared_broker_url(cfg, "flower")
         check_broker(url)
         command = flower_command(cfg, url, insecure, port)
-    except RingflowError as exc:
-        fail(exc, EXIT_FAILED)
     if insecure:
         say("warning", "Flower runs WITHOUT authentication (--insecure)")
     say("flower", f"{command.url} (Ctrl-C to stop)")

@@ -8,11 +8,11 @@ from pathlib import Path
 import typer
 
 from tasks.config import Config
-from tasks.errors import ConfigError, RingflowError
+from tasks.errors import RingflowError
 from tasks.jobs import JobPlan, check_plan, plan_job
 from worker_launcher.run import run_plan
 
-from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, fail, load_config, say
+from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, fail, load_config, say, user_errors
 from .progress import job_progress, report
 
 
@@ -29,16 +29,13 @@ def execute(config: Config, as_json: bool = False) -> int:
     """Plan, run and report a job; returns the exit code."""
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        plan = plan_or_fail(config, check_device=True)
-        with job_progress(plan, quiet=as_json) as update:
-            summary = run_plan(config, plan, update)
+        with user_errors():
+            plan = plan_or_fail(config, check_device=True)
+            with job_progress(plan, quiet=as_json) as update:
+                summary = run_plan(config, plan, update)
     except KeyboardInterrupt:
         say("interrupted", "workers and broker stopped")
         return EXIT_INTERRUPTED
-    except ConfigError as exc:
-        fail(exc, EXIT_USAGE)
-    except RingflowError as exc:
-        fail(exc, EXIT_FAILED)
     report(summary, as_json)
     return 0 if summary.ok else EXIT_FAILED
 

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import typer
 
-from tasks.errors import ConfigError, RingflowError
 from worker_launcher.broker import check_broker, shared_broker_url
 from worker_launcher.distributed import integrate_on_slurm
 
-from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, fail, load_config, say
+from .common import EXIT_FAILED, EXIT_INTERRUPTED, load_config, say, user_errors
 from .progress import job_progress, report
 from .run_cmd import interrupt, plan_or_fail
 
@@ -27,19 +26,16 @@ def integrate_slurm(
     cfg = load_config(config)
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        url = shared_broker_url(cfg, "integrate-slurm")
-        check_broker(url)
-        plan = plan_or_fail(cfg, check_device=False)
-        with job_progress(plan, quiet=as_json) as update:
-            summary = integrate_on_slurm(
-                cfg, plan, url, keep_workers, update, lambda text: say("slurm", text)
-            )
+        with user_errors():
+            url = shared_broker_url(cfg, "integrate-slurm")
+            check_broker(url)
+            plan = plan_or_fail(cfg, check_device=False)
+            with job_progress(plan, quiet=as_json) as update:
+                summary = integrate_on_slurm(
+                    cfg, plan, url, keep_workers, update, lambda text: say("slurm", text)
+                )
     except KeyboardInterrupt:
-        say("interrupted", "stopped following the job")
+        say("interrupted", "stopped following the job; worker jobs cancelled unless kept")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except ConfigError as exc:
-        fail(exc, EXIT_USAGE)
-    except RingflowError as exc:
-        fail(exc, EXIT_FAILED)
     report(summary, as_json)
     raise typer.Exit(0 if summary.ok else EXIT_FAILED)

@@ -18,7 +18,7 @@ from worker_launcher.local import start_local_workers, visible_gpus
 from worker_launcher.nodes import forget_dead, live_nodes
 from worker_launcher.slurm import SlurmLauncher
 
-from .common import EXIT_FAILED, EXIT_INTERRUPTED, err, fail, load_config, say
+from .common import EXIT_INTERRUPTED, err, load_config, say, user_errors
 from .run_cmd import interrupt
 
 app = typer.Typer(help="Start, list and stop the deployment's workers.", no_args_is_help=True)
@@ -39,7 +39,7 @@ def submit(
     """Submit n_workers SLURM jobs (one GPU each) and the assembly job; running ones are kept."""
     cfg = load_config(config)
     launcher = SlurmLauncher(cfg)
-    try:
+    with user_errors():
         if dry_run:
             for spec in launcher.specs():
                 typer.echo(f"# ---- {spec.job_name}.sh ----")
@@ -47,8 +47,6 @@ def submit(
             return
         for spec, job_id, new in launcher.submit(_broker(cfg, "workers submit")):
             typer.echo(f"{job_id}\t{spec.job_name}\t{'submitted' if new else 'already queued'}")
-    except RingflowError as exc:
-        fail(exc, EXIT_FAILED)
     say("logs", launcher.log_dir)
 
 
@@ -60,12 +58,10 @@ def list_(
     """The deployment's SLURM jobs and the Celery workers that answer now."""
     cfg = load_config(config)
     prefix = cfg.queue.queue_prefix
-    try:
+    with user_errors():
         url = _broker(cfg, "workers list")
         nodes = live_nodes(configure(url), prefix)
         jobs = _slurm_jobs_or_none(cfg)
-    except RingflowError as exc:
-        fail(exc, EXIT_FAILED)
     if as_json:
         typer.echo(
             json.dumps(
@@ -110,14 +106,12 @@ def _node_cells(node) -> tuple[str, str, str]:
 def stop(config: Path = CONFIG) -> None:
     """Cancel the deployment's SLURM jobs and wait until squeue no longer lists them."""
     cfg = load_config(config)
-    try:
+    with user_errors():
         cancelled = SlurmLauncher(cfg).cancel()
         url = cfg.broker_url()
         if url:
             app_ = configure(url)
             forget_dead(app_, cfg.queue.queue_prefix, live_nodes(app_, cfg.queue.queue_prefix))
-    except RingflowError as exc:
-        fail(exc, EXIT_FAILED)
     typer.echo(f"cancelled: {' '.join(cancelled) or 'none'}")
 
 
@@ -134,20 +128,19 @@ def local(
     ids = [g for g in (gpus.split(",") if gpus is not None else visible_gpus()) if g.strip()]
     workers = None
     try:
-        url = _broker(cfg, "workers local")
-        launcher = SlurmLauncher(cfg)  # same folder layout as SLURM workers
-        url_file = write_url_file(launcher.folder, url)
-        workers = start_local_workers(cfg, url_file, f"{launcher.folder}/logs/local", ids)
-        for worker in workers.workers:
-            say("started", f"{worker.name} (log {worker.log})")
-        while True:
-            workers.check()
-            time.sleep(1.0)
+        with user_errors():
+            url = _broker(cfg, "workers local")
+            launcher = SlurmLauncher(cfg)  # same folder layout as SLURM workers
+            url_file = write_url_file(launcher.folder, url)
+            workers = start_local_workers(cfg, url_file, f"{launcher.folder}/logs/local", ids)
+            for worker in workers.workers:
+                say("started", f"{worker.name} (log {worker.log})")
+            while True:
+                workers.check()
+                time.sleep(1.0)
     except KeyboardInterrupt:
         say("interrupted", "stopping the workers")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except RingflowError as exc:
-        fail(exc, EXIT_FAILED)
     finally:
         if workers is not None:
             signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -20,6 +20,7 @@ from tasks.jobs import JobPlan, submit
 from tasks.queues import gpu_slot, move_pending, pending_files
 
 from .nodes import Node, live_nodes
+from .run import uninterruptible
 from .slurm import SlurmLauncher
 from .watch import JobSummary, new_summary, summarise, watch
 
@@ -154,7 +155,19 @@ def integrate_on_slurm(
             summarise(summary, app, plan, outcomes)
     finally:
         if not keep_workers:
-            cancelled = launcher.cancel()
+            with uninterruptible():  # a second Ctrl-C must not leave the jobs running
+                cancelled = launcher.cancel()
             on_event(f"worker jobs cancelled: {', '.join(cancelled) or 'none'}")
     summary.seconds = time.monotonic() - start
     return summary
+
+
+def job_outcomes(app, prefix: str, job_id: str) -> dict[str, dict | None]:
+    """scan key -> its callback's result, None while the scan is not assembled yet."""
+    from tasks.registry import read_scans
+
+    outcomes = {}
+    for key, entry in read_scans(app.backend.client, prefix, job_id).items():
+        meta = app.backend.get_task_meta(entry["callback"])
+        outcomes[key] = meta["result"] if meta["status"] in ("SUCCESS", "FAILURE") else None
+    return outcomes

@@ -35,7 +35,7 @@ def local_services(config: Config, workspace: str) -> Iterator[tuple[object, Loc
         workers = start_local_workers(config, url_file, os.path.join(workspace, "logs"))
         yield app, workers
     finally:
-        with _uninterruptible():  # a second Ctrl-C must not leave orphans behind
+        with uninterruptible():  # a second Ctrl-C must not leave orphans behind
             if workers is not None:
                 workers.stop()
             if server is not None:
@@ -43,7 +43,7 @@ def local_services(config: Config, workspace: str) -> Iterator[tuple[object, Loc
 
 
 @contextmanager
-def _uninterruptible():
+def uninterruptible():
     try:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread: nothing to protect

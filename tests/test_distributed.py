@@ -1,0 +1,333 @@
+"""Distributed mode against real services: SLURM jobs with fake GPUs, a password-protected
+Redis, Celery workers started by the job script, Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tasks import registry
+from tasks.app import configure
+from worker_launcher.distributed import ClusterSupervisor, enqueue, job_outcomes
+from worker_launcher.nodes import live_nodes
+
+from .conftest import ROOT, edit_config, last_json, run_cli
+from .services import redis_url, require_slurm, squeue_names, unique_prefix, wait_until
+
+pytestmark = pytest.mark.service
+
+
+def cluster_config(demo, tmp_path: Path, prefix: str, **sections) -> Path:
+    changes = {
+        "computations distribution": {
+            "partition": "debug",
+            "n_workers": "2",
+            "ai_engines_per_worker": "1",
+            "cores_per_worker": "1",
+            "assemble_cores": "1",
+            "memory_per_worker": "500MB",
+            "time": "00:30:00",
+            "workspace_path": str(tmp_path / "ws"),
+        },
+        "output": {"location": str(tmp_path / "out")},
+        "queue": {"queue_prefix": prefix, "worker_start_timeout": "90"},
+    }
+    for section, values in sections.items():
+        changes.setdefault(section, {}).update(values)
+    return edit_config(demo.config, changes, tmp_path / f"{prefix}.ini")
+
+
+@pytest.fixture(scope="module")
+def reference(small_demo, tmp_path_factory) -> dict[str, dict]:
+    """Outputs of the embedded `ringflow run` on the demo: file name -> datasets."""
+    out = tmp_path_factory.mktemp("reference")
+    config = edit_config(small_demo.config, {"output": {"location": str(out)}}, out / "c.ini")
+    result = run_cli("run", config, "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {Path(p).name: read_integrated(p) for p in last_json(result.stdout)["outputs"]}
+
+
+def read_integrated(path: str) -> dict:
+    with h5py.File(path) as h5:
+        data = h5["1.1/integrated"] if "1.1" in h5 else h5["2.1/integrated"]
+        return {name: data[name][()] for name in ("intensity", "errors", "frame_index")}
+
+
+def assert_same_as_reference(outputs: list[str], reference: dict) -> None:
+    assert sorted(Path(p).name for p in outputs) == sorted(reference)
+    for path in outputs:
+        got, ref = read_integrated(path), reference[Path(path).name]
+        for name in ref:
+            np.testing.assert_array_equal(got[name], ref[name], err_msg=f"{path} {name}")
+
+
+def gpu_slot_of(node: str, prefix: str) -> int:
+    return int(re.match(re.escape(prefix) + r"-gpu(\d+)-", node).group(1))
+
+
+def test_workers_submit_enqueue_stop(small_demo, tmp_path, reference):
+    require_slurm()
+    url, prefix = redis_url(), unique_prefix("sub")
+    config = cluster_config(small_demo, tmp_path, prefix)
+    env = {"RINGFLOW_BROKER_URL": url}
+    app = configure(url)
+    try:
+        submitted = run_cli("workers", "submit", config, env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        assert len(submitted.stdout.strip().splitlines()) == 3  # gpu0, gpu1, assemble
+        wait_until(lambda: len(live_nodes(app, prefix)) == 3, 120, "3 workers to answer")
+
+        listed = run_cli("workers", "list", config, "--json", env=env)
+        assert listed.returncode == 0, listed.stderr
+        view = last_json(listed.stdout)
+        assert len([j for j in view["slurm"] if j["state"] == "RUNNING"]) == 3
+        gpus = {n["name"]: n["gpus"]["CUDA_VISIBLE_DEVICES"] for n in view["nodes"] if n["slots"]}
+        assert sorted(gpus.values()) == ["0", "1"], gpus  # each worker its own GPU
+
+        enqueued = run_cli("enqueue", config, env=env)
+        assert enqueued.returncode == 0, enqueued.stderr
+        job_id = enqueued.stdout.strip().splitlines()[-1]
+        outcomes = wait_until(
+            lambda: (o := job_outcomes(app, prefix, job_id)) and all(o.values()) and o,
+            180,
+            "both scans to be assembled",
+        )
+        assert [o["status"] for o in outcomes.values()] == ["done", "done"], outcomes
+        assert_same_as_reference([o["output"] for o in outcomes.values()], reference)
+
+        done = registry.read_done(app.backend.client, prefix, job_id)
+        assert len(done) == 4
+        for info in done.values():  # each worker consumed only its own queue
+            assert info["queue"] == f"{prefix}.gpu{gpu_slot_of(info['worker'], prefix)}"
+        assert {i["queue"] for i in done.values()} == {f"{prefix}.gpu0", f"{prefix}.gpu1"}
+        assert len({i["gpus"]["CUDA_VISIBLE_DEVICES"] for i in done.values()}) == 2
+        assert url.split("@")[0] not in json.dumps(
+            registry.read_scans(app.backend.client, prefix, job_id)
+        )
+    finally:
+        stopped = run_cli("workers", "stop", config, env=env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert squeue_names(prefix) == []
+
+
+def test_integrate_slurm_end_to_end(small_demo, tmp_path, reference):
+    require_slurm()
+    url, prefix = redis_url(), unique_prefix("seed")
+    config = cluster_config(small_demo, tmp_path, prefix)
+    result = run_cli("integrate-slurm", config, "--json", env={"RINGFLOW_BROKER_URL": url})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = last_json(result.stdout)
+    assert summary["files_done"] == 4 and summary["frames"] == 16 and not summary["files_failed"]
+    assert_same_as_reference(summary["outputs"], reference)
+    assert url.split("@")[0] not in result.stdout + result.stderr  # no password
+    assert squeue_names(prefix) == []  # workers cancelled without --keep-workers
+
+
+def test_integrate_slurm_unknown_partition_shows_slurms_message(small_demo, tmp_path):
+    require_slurm()
+    url, prefix = redis_url(), unique_prefix("part")
+    config = cluster_config(
+        small_demo, tmp_path, prefix, **{"computations distribution": {"partition": "nosuch"}}
+    )
+    start = time.monotonic()
+    result = run_cli("integrate-slurm", config, env={"RINGFLOW_BROKER_URL": url}, timeout=120)
+    assert result.returncode == 1
+    assert "invalid partition" in result.stderr.lower(), result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - start < 60
+    assert squeue_names(prefix) == []
+
+
+def test_wrong_password_fails_fast_and_names_no_secret(small_demo, tmp_path):
+    url = redis_url()
+    wrong = re.sub(r"://([^:/@]*):[^@]*@", r"://\1:not-the-password@", url)
+    config = cluster_config(small_demo, tmp_path, unique_prefix("pw"))
+    start = time.monotonic()
+    result = run_cli("enqueue", config, env={"RINGFLOW_BROKER_URL": wrong}, timeout=60)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 15
+    assert "authentication failed" in result.stderr and "Traceback" not in result.stderr
+    assert "not-the-password" not in result.stderr + result.stdout
+
+
+def test_unreachable_broker_fails_within_ten_seconds(small_demo, tmp_path):
+    config = cluster_config(
+        small_demo,
+        tmp_path,
+        unique_prefix("unr"),
+        queue={"broker_url": "redis://10.255.255.1:6379/0"},
+    )
+    start = time.monotonic()
+    result = run_cli("workers", "list", config, timeout=60)
+    assert result.returncode != 0 and "unreachable" in result.stderr, result.stderr
+    assert time.monotonic() - start < 20  # 10 s connect timeout plus interpreter start
+
+
+def test_password_file_and_dry_run_keep_the_secret(small_demo, tmp_path):
+    url = redis_url()
+    password = re.search(r"://[^:/@]*:([^@]*)@", url).group(1)
+    secret = tmp_path / "redis.password"
+    secret.write_text(password + "\n")
+    config = cluster_config(
+        small_demo,
+        tmp_path,
+        unique_prefix("pwf"),
+        queue={
+            "broker_url": re.sub(r"://[^@]*@", "://", url),
+            "broker_password_file": str(secret),
+        },
+    )
+    listed = run_cli("workers", "list", config, "--json")
+    assert listed.returncode == 0, listed.stderr  # the password file was used
+    dry = run_cli("workers", "submit", config, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert password not in dry.stdout + dry.stderr
+    assert dry.stdout.count("#SBATCH --gres=gpu:1") == 2
+    for script in dry.stdout.split("# ---- ")[1:]:  # every script is valid bash
+        text = script.split("----\n", 1)[1]
+        check = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
+        assert check.returncode == 0, check.stderr
+
+
+def test_stranded_queue_moves_to_live_worker(small_demo, tmp_path):
+    """Files enqueued for a GPU slot with no worker end up on a live slot, none lost."""
+    url, prefix = redis_url(), unique_prefix("strand")
+    config = cluster_config(small_demo, tmp_path, prefix, queue={"stranded_after": "1"})
+    env = {"RINGFLOW_BROKER_URL": url}
+    local = start_cli(["workers", "local", str(config), "--gpus", "0"], env, tmp_path / "local")
+    try:
+        app = configure(url)
+        wait_until(lambda: len(live_nodes(app, prefix)) == 2, 90, "local gpu0 + assembly workers")
+        from tasks.config import Config
+        from tasks.jobs import plan_job
+
+        cfg = Config.from_file(config)
+        plan = plan_job(cfg)
+        enqueue(app, plan)  # n_workers = 2: half the files go to gpu1, which has no worker
+        assert app.backend.client.llen(f"{prefix}.gpu1") == 2
+        events = []
+        supervisor = ClusterSupervisor(app, cfg, None, events.append)
+        outcomes = wait_until(
+            lambda: (
+                supervisor.check()
+                or ((o := job_outcomes(app, prefix, plan.job_id)) and all(o.values()) and o)
+            ),
+            120,
+            "the job to finish on the gpu0 worker",
+            interval=1.0,
+        )
+        assert [o["status"] for o in outcomes.values()] == ["done", "done"]
+        assert any("2 files moved" in e for e in events), events
+        done = registry.read_done(app.backend.client, prefix, plan.job_id)
+        assert len(done) == 4 and {i["queue"] for i in done.values()} == {f"{prefix}.gpu0"}
+        assert app.backend.client.llen(f"{prefix}:moving") == 0
+    finally:
+        local.send_signal(2)
+        local.wait(60)
+    assert local.returncode == 130, (tmp_path / "local.err").read_text()[-2000:]
+
+
+def test_flower_requires_auth_and_shows_workers_and_tasks(small_demo, tmp_path):
+    url, prefix = redis_url(), unique_prefix("flw")
+    secret = tmp_path / "flower.password"
+    secret.write_text("flower-pw-123\n")
+    port = free_port()
+    config = cluster_config(
+        small_demo,
+        tmp_path,
+        prefix,
+        monitoring={"flower_port": str(port), "flower_password_file": str(secret)},
+    )
+    env = {"RINGFLOW_BROKER_URL": url}
+    refused = run_cli("flower", cluster_config(small_demo, tmp_path / "x", prefix), env=env)
+    assert refused.returncode != 0 and "--insecure" in refused.stderr
+    flower = start_cli(["flower", str(config)], env, tmp_path / "flower")
+    local = start_cli(["workers", "local", str(config), "--gpus", "0,1"], env, tmp_path / "local")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_status(f"{base}/healthcheck") == 200, 60, "Flower to answer")
+        assert http_status(f"{base}/api/workers") == 401
+        auth = {"Authorization": "Basic " + b64encode(b"ringflow:flower-pw-123").decode()}
+        app = configure(url)
+        wait_until(lambda: len(live_nodes(app, prefix)) == 3, 90, "2 gpu + assembly workers")
+        enqueued = run_cli("enqueue", config, env=env)
+        assert enqueued.returncode == 0, enqueued.stderr
+        job_id = enqueued.stdout.strip().splitlines()[-1]
+        wait_until(
+            lambda: (o := job_outcomes(app, prefix, job_id)) and all(o.values()), 120, "the job"
+        )
+        workers = wait_until(
+            lambda: [
+                w for w in http_json(f"{base}/api/workers?refresh=1", auth) if f"{prefix}-gpu" in w
+            ],
+            30,
+            "Flower to list the workers",
+        )
+        assert len(workers) == 2
+        tasks = wait_until(
+            lambda: [t for t in http_json(f"{base}/api/tasks", auth) if t.startswith(job_id)],
+            30,
+            "Flower to list the job's tasks",
+        )
+        assert len(tasks) == 6  # 4 files + 2 scan callbacks
+        assert http_status(f"{base}/metrics") == 200
+    finally:
+        for process in (local, flower):
+            process.send_signal(2)
+            process.wait(60)
+    logs = (tmp_path / "flower.out").read_text() + (tmp_path / "flower.err").read_text()
+    assert "flower-pw-123" not in logs
+
+
+PYTHON_CLI = [__import__("sys").executable, "-m", "cli.main"]
+
+
+def cli_env(extra: dict) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "RINGFLOW_BROKER_URL"}
+    return env | {"PYTHONPATH": str(ROOT)} | extra
+
+
+def start_cli(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """A long-running ringflow command; its stdout/stderr go to log.out / log.err."""
+    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
+        return subprocess.Popen(
+            [*PYTHON_CLI, *args], env=cli_env(env), cwd=ROOT, stdout=out, stderr=err
+        )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_status(url: str, headers: dict | None = None) -> int:
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers or {}), timeout=5
+        ) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def http_json(url: str, headers: dict):
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+        return json.loads(r.read())
