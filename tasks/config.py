@@ -477,7 +477,7 @@ class QueueConfig:
     )
     stranded_after: int = option(
         "stranded_after",
-        _int(5),
+        _int(1),
         "Seconds a GPU queue may hold files with no live worker before they move to live ones.",
         60,
     )

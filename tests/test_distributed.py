@@ -250,6 +250,7 @@ def test_flower_requires_auth_and_shows_workers_and_tasks(small_demo, tmp_path):
         monitoring={"flower_port": str(port), "flower_password_file": str(secret)},
     )
     env = {"RINGFLOW_BROKER_URL": url}
+    (tmp_path / "x").mkdir()
     refused = run_cli("flower", cluster_config(small_demo, tmp_path / "x", prefix), env=env)
     assert refused.returncode != 0 and "--insecure" in refused.stderr
     flower = start_cli(["flower", str(config)], env, tmp_path / "flower")
