@@ -109,9 +109,8 @@ def bind_mounts(service: dict) -> dict[str, dict]:
     mounts = {}
     for volume in service.get("volumes", []):
         if isinstance(volume, dict) and volume.get("type") == "bind":
-            mounts[interpolate(volume["target"])] = volume | {
-                "source": interpolate(volume["source"])
-            }
+            source, target = interpolate(volume["source"]), interpolate(volume["target"])
+            mounts[target] = volume | {"source": source, "target": target}
     return mounts
 
 
@@ -271,11 +270,10 @@ def test_worker_data_mount_same_path_and_warm_shutdown(services):
     assert len(data) == 1
     assert data[0]["source"] == data[0]["target"] == "/data"
     assert not data[0].get("read_only")  # outputs go to PROCESSED_DATA beside RAW_DATA
+    raw = next(v for v in worker["volumes"] if isinstance(v, dict) and "DATA" in v["source"])
     site = {"RINGFLOW_DATA": "/gpfs/visitor/ma1234"}
-    raw = data[0]
-    assert interpolate(raw["target"], site) == "/gpfs/visitor/ma1234"
-    volume = next(v for v in worker["volumes"] if isinstance(v, dict) and v["target"] != "/data")
-    assert volume  # the INI mount, checked above
+    assert interpolate(raw["source"], site) == site["RINGFLOW_DATA"]
+    assert interpolate(raw["target"], site) == site["RINGFLOW_DATA"]
     assert "deploy" not in worker, "GPU reservations must stay optional (CPU-only hosts)"
 
 
@@ -295,15 +293,8 @@ def compose_validators() -> list[tuple[str, list[str] | None, str]]:
     """(name, command prefix or None, why it is missing) for each Compose implementation."""
     found = []
     v1 = shutil.which("docker-compose")
-    found.append(
-        ("docker-compose", [v1], "")
-        if v1
-        else (
-            "docker-compose",
-            None,
-            "docker-compose not installed (apt-get install docker-compose)",
-        )
-    )
+    why = "docker-compose not installed (apt-get install docker-compose)"
+    found.append(("docker-compose", [v1], "") if v1 else ("docker-compose", None, why))
     docker = shutil.which("docker")
     plugin = docker and subprocess.run(
         [docker, "compose", "version"], capture_output=True, timeout=60
@@ -329,12 +320,15 @@ def run_validator(prefix: list[str], files: list[Path], cwd: Path):
     )
 
 
-@pytest.mark.parametrize("validator", compose_validators(), ids=lambda v: v[0])
-def test_compose_tools_accept_the_files(validator, tmp_path):
-    name, prefix, missing = validator
-    if prefix is None:
-        print(f"skipping {name} validation: {missing}")
+def test_compose_tools_accept_the_files(tmp_path):
+    """The first Compose implementation found validates (CI installs docker-compose)."""
+    validators = compose_validators()
+    available = [v for v in validators if v[1] is not None]
+    if not available:
+        missing = "; ".join(v[2] for v in validators)
+        print(f"skipping Compose validation: {missing}")
         pytest.skip(missing)
+    name, prefix, _ = available[0]
     for files in ([COMPOSE], [COMPOSE, GPU_OVERRIDE]):
         result = run_validator(prefix, files, ROOT)
         assert result.returncode == 0, f"{name}: {result.stdout}{result.stderr}"
@@ -343,7 +337,8 @@ def test_compose_tools_accept_the_files(validator, tmp_path):
     broken.write_text(
         COMPOSE.read_text().replace("stop_grace_period: 5m", "stop_grace_period: [5]")
     )
-    assert run_validator(prefix, [broken], tmp_path).returncode != 0
+    refused = run_validator(prefix, [broken], tmp_path)
+    assert refused.returncode != 0 and "stop_grace_period" in refused.stdout + refused.stderr
 
 
 # --- Redis's entrypoint script and healthcheck, run for real ---------------------------------
@@ -444,7 +439,7 @@ def test_redis_entrypoint_refuses_a_bad_secret(
     script = local_redis_script(services, redis_binaries, tmp_path, secret, free_port())
     result = subprocess.run(["sh", "-euc", script], capture_output=True, text=True, timeout=30)
     assert result.returncode != 0 and message in result.stderr
-    assert not (tmp_path / "run" / "redis.conf").exists() or content.strip()
+    assert not (tmp_path / "run" / "redis.conf").exists()
 
 
 # --- the example INI -----------------------------------------------------------------------------
