@@ -34,9 +34,11 @@ def test_ctrl_c_stops_workers_and_broker(small_demo, tmp_path):
     )
     logs = tmp_path / "out" / ".ringflow" / "logs"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (logs.exists() and len(list(logs.iterdir())) == 2):
+    while time.monotonic() < deadline and not (
+        logs.exists() and len(list(logs.glob("*.log"))) == 2
+    ):
         time.sleep(0.05)
-    names = [p.stem.removeprefix("worker-") for p in logs.iterdir()]
+    names = [p.stem.removeprefix("worker-") for p in logs.glob("*.log")]
     assert len(names) == 2, "workers never started"
     for _ in range(20):  # Python drops a SIGINT that lands in a __del__: press again
         cli.send_signal(signal.SIGINT)
