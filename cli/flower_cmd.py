@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import typer
 
 from worker_launcher.broker import check_broker, shared_broker_url
 from worker_launcher.flower import flower_command
+from worker_launcher.watch import raise_if_stopped
 
 from .common import EXIT_INTERRUPTED, load_config, say, user_errors
+from .run_cmd import install_interrupt_handlers
 
 
 def flower(
@@ -29,9 +32,12 @@ def flower(
     if insecure:
         say("warning", "Flower runs WITHOUT authentication (--insecure)")
     say("flower", f"{command.url} (Ctrl-C to stop)")
+    install_interrupt_handlers()
     process = subprocess.Popen(command.argv, env=command.env)
     try:
-        code = process.wait()
+        while (code := process.poll()) is None:
+            raise_if_stopped()
+            time.sleep(0.5)
     except KeyboardInterrupt:
         process.terminate()
         process.wait(10)

@@ -11,6 +11,7 @@ from tasks.config import Config
 from tasks.errors import RingflowError
 from tasks.jobs import JobPlan, check_plan, plan_job
 from worker_launcher.run import run_plan
+from worker_launcher.watch import STOP
 
 from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, fail, load_config, say, user_errors
 from .progress import job_progress, report
@@ -27,7 +28,7 @@ def run(
 
 def execute(config: Config, as_json: bool = False) -> int:
     """Plan, run and report a job; returns the exit code."""
-    signal.signal(signal.SIGTERM, interrupt)
+    install_interrupt_handlers()
     try:
         with user_errors():
             plan = plan_or_fail(config, check_device=True)
@@ -60,4 +61,11 @@ def plan_or_fail(config: Config, check_device: bool) -> JobPlan:
 
 
 def interrupt(signum, frame):
+    STOP.set()  # remembered: Python drops a KeyboardInterrupt raised inside a __del__
     raise KeyboardInterrupt
+
+
+def install_interrupt_handlers() -> None:
+    """Ctrl-C and SIGTERM both stop the command cleanly, even if the first raise is lost."""
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import typer
@@ -12,7 +11,7 @@ from worker_launcher.distributed import integrate_on_slurm
 
 from .common import EXIT_FAILED, EXIT_INTERRUPTED, load_config, say, user_errors
 from .progress import job_progress, report
-from .run_cmd import interrupt, plan_or_fail
+from .run_cmd import install_interrupt_handlers, plan_or_fail
 
 
 def integrate_slurm(
@@ -24,7 +23,7 @@ def integrate_slurm(
 ) -> None:
     """Submit (or reuse) SLURM workers, enqueue every file, follow the job, report outputs."""
     cfg = load_config(config)
-    signal.signal(signal.SIGTERM, interrupt)
+    install_interrupt_handlers()
     try:
         with user_errors():
             url = shared_broker_url(cfg, "integrate-slurm")

@@ -17,9 +17,10 @@ from worker_launcher.broker import check_broker, shared_broker_url, write_url_fi
 from worker_launcher.local import start_local_workers, visible_gpus
 from worker_launcher.nodes import forget_dead, live_nodes
 from worker_launcher.slurm import SlurmLauncher
+from worker_launcher.watch import raise_if_stopped
 
 from .common import EXIT_INTERRUPTED, err, load_config, say, user_errors
-from .run_cmd import interrupt
+from .run_cmd import install_interrupt_handlers
 
 app = typer.Typer(help="Start, list and stop the deployment's workers.", no_args_is_help=True)
 CONFIG = typer.Argument(..., help="Configuration file (INI).")
@@ -124,7 +125,7 @@ def local(
 ) -> None:
     """Run the deployment's workers on this machine until Ctrl-C: one per GPU, or one CPU one."""
     cfg = load_config(config)
-    signal.signal(signal.SIGTERM, interrupt)
+    install_interrupt_handlers()
     ids = [g for g in (gpus.split(",") if gpus is not None else visible_gpus()) if g.strip()]
     workers = None
     try:
@@ -137,6 +138,7 @@ def local(
                 say("started", f"{worker.name} (log {worker.log})")
             while True:
                 workers.check()
+                raise_if_stopped()
                 time.sleep(1.0)
     except KeyboardInterrupt:
         say("interrupted", "stopping the workers")

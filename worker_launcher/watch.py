@@ -6,6 +6,7 @@ job that makes no progress for ``[queue] stall_timeout`` seconds ends with an er
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,13 @@ from tasks.errors import WorkerError
 from tasks.jobs import JobPlan
 
 POLL_S = 0.25
+STOP = threading.Event()  # set by the CLI's signal handler: a KeyboardInterrupt that Python
+# swallowed (raised inside a __del__) is raised again by the next poll
+
+
+def raise_if_stopped() -> None:
+    if STOP.is_set():
+        raise KeyboardInterrupt
 
 
 class Supervisor(Protocol):
@@ -88,6 +96,7 @@ def watch(
         state = (progress.frames_done, progress.files_done, progress.files_failed, len(pending))
         if state != last_state:
             last_state, last_change = state, now
+        raise_if_stopped()
         if pending:
             supervisor.check()
         if pending and now - last_change > stall:
