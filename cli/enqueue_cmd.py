@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from tasks.app import configure
-from worker_launcher.broker import check_broker, shared_broker_url
+from worker_launcher.broker import shared_broker_url
 from worker_launcher.distributed import enqueue as enqueue_plan
 
 from .common import EXIT_FAILED, load_config, say, user_errors
@@ -19,7 +19,6 @@ def enqueue(config: Path = typer.Argument(..., help="Configuration file (INI).")
     cfg = load_config(config)
     with user_errors():
         url = shared_broker_url(cfg, "enqueue")
-        check_broker(url)
         plan = plan_or_fail(cfg, check_device=False)
         for problem in plan.problems:
             say("error", str(problem))

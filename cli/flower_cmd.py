@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from worker_launcher.broker import check_broker, shared_broker_url
+from worker_launcher.broker import shared_broker_url
 from worker_launcher.flower import flower_command
 from worker_launcher.watch import raise_if_stopped
 
@@ -27,7 +27,6 @@ def flower(
     cfg = load_config(config)
     with user_errors():
         url = shared_broker_url(cfg, "flower")
-        check_broker(url)
         command = flower_command(cfg, url, insecure, port)
     if insecure:
         say("warning", "Flower runs WITHOUT authentication (--insecure)")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from worker_launcher.broker import check_broker, shared_broker_url
+from worker_launcher.broker import shared_broker_url
 from worker_launcher.distributed import integrate_on_slurm
 
 from .common import EXIT_FAILED, EXIT_INTERRUPTED, load_config, say, user_errors
@@ -27,7 +27,6 @@ def integrate_slurm(
     try:
         with user_errors():
             url = shared_broker_url(cfg, "integrate-slurm")
-            check_broker(url)
             plan = plan_or_fail(cfg, check_device=False)
             with job_progress(plan, quiet=as_json) as update:
                 summary = integrate_on_slurm(

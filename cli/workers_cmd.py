@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 
@@ -13,9 +12,10 @@ from rich.table import Table
 from tasks.app import configure
 from tasks.config import redact_url
 from tasks.errors import RingflowError
-from worker_launcher.broker import check_broker, shared_broker_url, write_url_file
+from worker_launcher.broker import shared_broker_url, write_url_file
 from worker_launcher.local import start_local_workers, visible_gpus
 from worker_launcher.nodes import forget_dead, live_nodes
+from worker_launcher.run import uninterruptible
 from worker_launcher.slurm import SlurmLauncher
 from worker_launcher.watch import raise_if_stopped
 
@@ -24,12 +24,6 @@ from .run_cmd import install_interrupt_handlers
 
 app = typer.Typer(help="Start, list and stop the deployment's workers.", no_args_is_help=True)
 CONFIG = typer.Argument(..., help="Configuration file (INI).")
-
-
-def _broker(config, command: str) -> str:
-    url = shared_broker_url(config, command)
-    check_broker(url)
-    return url
 
 
 @app.command()
@@ -46,7 +40,7 @@ def submit(
                 typer.echo(f"# ---- {spec.job_name}.sh ----")
                 typer.echo(launcher.script(spec))
             return
-        for spec, job_id, new in launcher.submit(_broker(cfg, "workers submit")):
+        for spec, job_id, new in launcher.submit(shared_broker_url(cfg, "workers submit")):
             typer.echo(f"{job_id}\t{spec.job_name}\t{'submitted' if new else 'already queued'}")
     say("logs", launcher.log_dir)
 
@@ -60,7 +54,7 @@ def list_(
     cfg = load_config(config)
     prefix = cfg.queue.queue_prefix
     with user_errors():
-        url = _broker(cfg, "workers list")
+        url = shared_broker_url(cfg, "workers list")
         nodes = live_nodes(configure(url), prefix)
         jobs = _slurm_jobs_or_none(cfg)
     if as_json:
@@ -130,7 +124,7 @@ def local(
     workers = None
     try:
         with user_errors():
-            url = _broker(cfg, "workers local")
+            url = shared_broker_url(cfg, "workers local")
             launcher = SlurmLauncher(cfg)  # same folder layout as SLURM workers
             url_file = write_url_file(launcher.folder, url)
             workers = start_local_workers(cfg, url_file, f"{launcher.folder}/logs/local", ids)
@@ -145,5 +139,5 @@ def local(
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         if workers is not None:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            workers.stop()
+            with uninterruptible():  # a second Ctrl-C must not leave orphans behind
+                workers.stop()

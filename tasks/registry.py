@@ -46,8 +46,7 @@ def register_job(
 
 def read_scans(client, prefix: str, job_id: str) -> dict[str, dict]:
     """scan key -> {scan: payload, callback: task id}, as registered."""
-    scans = client.hgetall(keys.job_scans(prefix, job_id))
-    return {_str(k): json.loads(v) for k, v in scans.items()}
+    return _read_json_hash(client, keys.job_scans(prefix, job_id))
 
 
 def add_frames(client, prefix: str, job_id: str, count: int) -> None:
@@ -56,25 +55,30 @@ def add_frames(client, prefix: str, job_id: str, count: int) -> None:
 
 def mark_done(client, prefix: str, job_id: str, task_id: str, info: dict) -> None:
     """Count a finished file and record where it ran (worker, queue, GPU) and how long."""
-    pipe = client.pipeline()
-    pipe.hincrby(keys.job_progress(prefix, job_id), "files_done", 1)
-    pipe.hset(keys.job_done(prefix, job_id), task_id, json.dumps(info))
-    pipe.expire(keys.job_done(prefix, job_id), JOB_TTL)
-    pipe.execute()
+    _record(client, prefix, job_id, "files_done", keys.job_done(prefix, job_id), task_id, info)
 
 
 def read_done(client, prefix: str, job_id: str) -> dict[str, dict]:
     """task_id -> where and how each finished file ran."""
-    done = client.hgetall(keys.job_done(prefix, job_id))
-    return {_str(k): json.loads(v) for k, v in done.items()}
+    return _read_json_hash(client, keys.job_done(prefix, job_id))
 
 
 def mark_failed(client, prefix: str, job_id: str, task_id: str, failure: dict) -> None:
+    name = keys.job_failed(prefix, job_id)
+    _record(client, prefix, job_id, "files_failed", name, task_id, failure)
+
+
+def _record(client, prefix: str, job_id: str, counter: str, name: str, task_id: str, info: dict):
+    """Bump ``counter`` and store ``info`` under ``task_id`` in hash ``name``: one pipeline."""
     pipe = client.pipeline()
-    pipe.hincrby(keys.job_progress(prefix, job_id), "files_failed", 1)
-    pipe.hset(keys.job_failed(prefix, job_id), task_id, json.dumps(failure))
-    pipe.expire(keys.job_failed(prefix, job_id), JOB_TTL)
+    pipe.hincrby(keys.job_progress(prefix, job_id), counter, 1)
+    pipe.hset(name, task_id, json.dumps(info))
+    pipe.expire(name, JOB_TTL)
     pipe.execute()
+
+
+def _read_json_hash(client, name: str) -> dict[str, dict]:
+    return {_str(k): json.loads(v) for k, v in client.hgetall(name).items()}
 
 
 def read_progress(client, prefix: str, job_id: str) -> Progress:

@@ -14,7 +14,10 @@ CHECK_TIMEOUT = 10.0
 
 
 def shared_broker_url(config: Config, command: str) -> str:
-    """The external broker's URL; distributed commands cannot use a private embedded Redis."""
+    """The external broker's URL, checked reachable (:func:`check_broker`).
+
+    Distributed commands cannot use a private embedded Redis.
+    """
     url = config.broker_url()
     if not url:
         raise ConfigError(
@@ -25,6 +28,7 @@ def shared_broker_url(config: Config, command: str) -> str:
             "broker_url = redis://host:port/0 (or $RINGFLOW_BROKER_URL)",
             config.source,
         )
+    check_broker(url)
     return url
 
 

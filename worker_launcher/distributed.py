@@ -40,6 +40,13 @@ def enqueue(app, plan: JobPlan) -> dict[str, str]:
     return submit(app, plan, target_slots(plan.config, nodes))
 
 
+def can_run(nodes: list[Node], prefix: str) -> bool:
+    """A job can progress: some GPU worker and the assembly worker answer."""
+    queues = {q for node in nodes for q in node.queues}
+    has_gpu = any(node.slots(prefix) for node in nodes)
+    return has_gpu and keys.assemble_queue(prefix) in queues
+
+
 def wait_for_workers(
     app, config: Config, launcher: SlurmLauncher | None, timeout: float
 ) -> list[Node]:
@@ -48,9 +55,7 @@ def wait_for_workers(
     deadline = time.monotonic() + timeout
     while True:
         nodes = live_nodes(app, prefix)
-        queues = {q for node in nodes for q in node.queues}
-        has_gpu = any(node.slots(prefix) for node in nodes)
-        if has_gpu and keys.assemble_queue(prefix) in queues:
+        if can_run(nodes, prefix):
             return nodes
         jobs = launcher.jobs() if launcher else []
         if launcher and not any(job.active for job in jobs):
@@ -89,12 +94,11 @@ class ClusterSupervisor:
         self._last_check = now
         prefix = self.config.queue.queue_prefix
         nodes = live_nodes(self.app, prefix)
-        live_queues = {q for node in nodes for q in node.queues}
-        if any(node.slots(prefix) for node in nodes) and keys.assemble_queue(prefix) in live_queues:
+        if can_run(nodes, prefix):
             self._no_worker_since = None
         else:
             self._workers_missing(now)
-        self._rebalance(now, live_queues)
+        self._rebalance(now, {q for node in nodes for q in node.queues})
 
     def _workers_missing(self, now: float) -> None:
         self._no_worker_since = self._no_worker_since or now

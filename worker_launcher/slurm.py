@@ -125,14 +125,16 @@ class SlurmLauncher:
         if ids:
             call(["scancel", *ids])
         deadline = time.monotonic() + timeout
-        while ids and time.monotonic() < deadline:
-            if not {job.job_id for job in self.jobs() if job.active} & set(ids):
-                return ids
+        while (left := self._still_listed(ids)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = {job.job_id for job in self.jobs() if job.active} & set(ids)
         if left:
             raise SlurmError(["scancel"], 0, f"jobs {', '.join(sorted(left))} still listed")
         return ids
+
+    def _still_listed(self, ids: list[str]) -> set[str]:
+        if not ids:
+            return set()
+        return {job.job_id for job in self.jobs() if job.active} & set(ids)
 
     def log_tail(self, job: SlurmJob, lines: int = 3) -> str:
         path = os.path.join(self.log_dir, f"{job.name}-{job.job_id}.log")
