@@ -44,7 +44,9 @@ def flower_credentials(config: Config) -> tuple[str, str] | None:
             ) from None
     if not password:
         return None
-    if "," in password or ":" in user:
+    if ":" in user:
+        raise ConfigError("monitoring", "flower_user", user, "no ':' in the user name")
+    if "," in password:
         raise ConfigError("monitoring", "flower_password_file", path, "no ',' in the password")
     return user, password
 
