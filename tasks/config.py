@@ -129,6 +129,24 @@ def _octal(value: str) -> int:
     return int(text.lstrip("0o") or "0", 8)
 
 
+def _int_or_none(value: str) -> int | None:
+    return None if value.strip().lower() in ("", "none") else _int()(value)
+
+
+def _codec(value: str) -> str:
+    from .codecs import CODEC_ALIASES, LEVELS
+
+    text = value.strip().lower()
+    text = CODEC_ALIASES.get(text, text)
+    if text not in LEVELS:
+        raise ValueError(f"allowed values: {', '.join(LEVELS)}")
+    return text
+
+
+def _codec_or_empty(value: str) -> str:
+    return _codec(value) if value.strip() else ""
+
+
 def _hdf5_entry(value: str) -> str:
     text = value.strip()
     if text and not re.fullmatch(r"\d+\.\d+", text):
@@ -440,6 +458,68 @@ class OutputConfig:
         "Positioners/counters to copy into the output; empty: all those of the scan.",
         (),
     )
+    codec: str = option(
+        "codec",
+        _codec,
+        "ringflow: compression of the output datasets: deflate (ISA-L when installed, else "
+        "zlib; any HDF5 reader), zlib, isal, bitshuffle_lz4, zstd, blosc (hdf5plugin) or none.",
+        "deflate",
+    )
+    level: int | None = option(
+        "level", _int_or_none, "ringflow: compression level; empty: the codec's default.", None
+    )
+    shuffle: bool = option(
+        "shuffle", _bool, "ringflow: byte-shuffle before compressing (deflate, zstd, blosc).", True
+    )
+    checksum: bool = option(
+        "checksum", _bool, "ringflow: fletcher32 checksum on every compressed chunk.", True
+    )
+    chunk_frames: int = option(
+        "chunk_frames",
+        _int(0),
+        "ringflow: frames per chunk of the integrated results; 0: about 1 MiB per chunk.",
+        0,
+    )
+    save_corrected: bool = option(
+        "save_corrected",
+        _bool,
+        "ringflow: also store the corrected frames (float32) and a per-frame uint8 mask.",
+        False,
+    )
+    corrected_codec: str = option(
+        "corrected_codec",
+        _codec_or_empty,
+        "ringflow: codec of the corrected frames and masks; empty: same as codec.",
+        "",
+    )
+    corrected_level: int | None = option(
+        "corrected_level", _int_or_none, "ringflow: their level; empty: as for codec.", None
+    )
+    corrected_chunk_frames: int = option(
+        "corrected_chunk_frames", _int(1), "ringflow: frames per chunk of corrected frames.", 1
+    )
+    writer_threads: int = option(
+        "writer_threads",
+        _int(0),
+        "ringflow: threads compressing output chunks; 0: the CPUs the assembly task may use.",
+        0,
+    )
+    chunks_in_flight: int = option(
+        "chunks_in_flight",
+        _int(0),
+        "ringflow: most chunks queued for compression (bounds memory); 0: 4 per thread.",
+        0,
+    )
+
+    def compression(self) -> tuple[str, int | None]:
+        """(codec, level) of the integrated results and every other compressed dataset."""
+        return self.codec, self.level
+
+    def corrected_compression(self) -> tuple[str, int | None]:
+        """(codec, level) of the corrected frames and masks: corrected_* over the defaults."""
+        if self.corrected_codec:
+            return self.corrected_codec, self.corrected_level
+        return self.codec, self.level if self.corrected_level is None else self.corrected_level
 
 
 @dataclass(frozen=True)
@@ -711,6 +791,24 @@ def _check_supported(config: Config) -> None:
         raise ConfigError(
             "azimuthal integration", "poni_file", "", "a PONI file is required", config.source
         )
+    _check_codecs(config)
+
+
+def _check_codecs(config: Config) -> None:
+    """Each codec with its level: a level the codec lacks, or a missing package, is an error."""
+    from .codecs import check_codec
+
+    out = config.output
+    pairs = (
+        ("codec", "level", *out.compression()),
+        ("corrected_codec", "corrected_level", *out.corrected_compression()),
+    )
+    for codec_key, level_key, codec, level in pairs:
+        try:
+            check_codec(codec, level)
+        except ValueError as exc:
+            key, value = (level_key, level) if "level" in str(exc) else (codec_key, codec)
+            raise ConfigError("output", key, value, str(exc), config.source) from None
 
 
 def redact_url(url: str) -> str:
