@@ -10,14 +10,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
+import warnings
 
 import h5py
 import numpy as np
 
 from .app import app
-from .errors import RingflowError
+from .config import Config
+from .errors import InputDataError, RingflowError
+from .partials import SLAB_BYTES, PartialHeader, iter_rows, read_band, read_header
 from .payloads import ScanTask
-from .writers import ScanResult, read_partial, write_nexus
+from .readers import iter_batches, open_frames
+from .writers import CorrectedFrames, OutputStorage, ScanResult, Stream, write_nexus
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +30,14 @@ log = logging.getLogger(__name__)
 @app.task(name="ringflow.assemble_scan")
 def assemble_scan(results: list[dict], payload: dict) -> dict:
     scan = ScanTask.from_dict(payload)
+    start = time.monotonic()
     failed = [r for r in results if r.get("status") != "done"]
     if failed:
         return {"status": "incomplete", "scan": scan.scan_key, "failed": failed}
     try:
         config = scan.config_obj()
         result = build_result(scan, config)
-        write_nexus(scan.output, result, config.output.file_mode)
+        write_nexus(scan.output, result, OutputStorage.from_config(config), config.output.file_mode)
     except Exception as exc:
         if not isinstance(exc, RingflowError):
             log.exception("unexpected error assembling %s", scan.scan_key)
@@ -48,40 +54,105 @@ def assemble_scan(results: list[dict], payload: dict) -> dict:
         "scan": scan.scan_key,
         "output": scan.output,
         "frames": int(result.intensity.shape[0]),
+        "seconds": round(time.monotonic() - start, 3),
     }
 
 
-def build_result(scan: ScanTask, config) -> ScanResult:
-    parts = [read_partial(path) for path in scan.partials]
-    intensity = np.concatenate([p.intensity for p in parts])
-    if intensity.shape[0] != scan.n_frames:
-        raise RingflowError(
-            f"{scan.scan_key}: {intensity.shape[0]} rows for {scan.n_frames} frames"
-        )
-    sigma = None if parts[0].sigma is None else np.concatenate([p.sigma for p in parts])
+def build_result(scan: ScanTask, config: Config) -> ScanResult:
+    """The scan's output, its large datasets as streams read from the partials when written."""
+    headers = [read_header(path) for path in scan.partials]
+    _check_rows(scan, headers)
+    first = headers[0]
+    n_frames = sum(h.shape[0] for h in headers)
+    monitor = config.integration.monitor_name
     return ScanResult(
         entry=scan.entry or "entry_0000",
-        intensity=intensity,
-        sigma=sigma,
-        radial=parts[0].radial,
+        intensity=_rows(headers, "intensity", n_frames),
+        sigma=_rows(headers, "sigma", n_frames) if first.has_sigma else None,
+        radial=first.radial,
         unit=config.integration.unit,
-        azimuthal=parts[0].azimuthal,
-        source_file=[p.source_file for p in parts for _ in range(len(p.intensity))],
-        source_frame=np.concatenate([p.source_frame for p in parts]),
+        azimuthal=first.azimuthal,
+        source_file=[h.source_file for h in headers for _ in range(h.shape[0])],
+        source_frame=np.concatenate([h.source_frame for h in headers]),
+        normalization=np.concatenate([h.normalization for h in headers]) if monitor else None,
         configuration=config.as_ini(hide_secrets=True),
         geometry=_geometry(config.integration.poni_file),
         versions=_versions(),
         fingerprint=scan.fingerprint,
         metadata=_metadata(scan, config.output.try_metadata),
-        average=_average(intensity, config.integration.average_xy),
+        average=_average(headers, config.integration.average_xy, n_frames),
+        corrected=_corrected(headers, config, n_frames) if config.output.save_corrected else None,
     )
 
 
-def _average(intensity: np.ndarray, kind: str):
+def _check_rows(scan: ScanTask, headers: list[PartialHeader]) -> None:
+    rows = sum(h.shape[0] for h in headers)
+    if rows != scan.n_frames:
+        raise RingflowError(f"{scan.scan_key}: {rows} rows for {scan.n_frames} frames")
+    for head in headers[1:]:
+        if head.shape[1:] != headers[0].shape[1:]:
+            raise RingflowError(
+                f"{head.path}: rows of shape {head.shape[1:]}, "
+                f"{headers[0].path} has {headers[0].shape[1:]}"
+            )
+
+
+def _rows(headers: list[PartialHeader], name: str, n_frames: int) -> Stream:
+    def slabs():
+        for head in headers:
+            yield from iter_rows(head.path, name)
+
+    first = headers[0]
+    return Stream((n_frames, *first.shape[1:]), first.dtype, slabs)
+
+
+def _average(headers: list[PartialHeader], kind: str, n_frames: int):
+    """Mean or median over all frames, band by band along the bins: bounded memory."""
     if not kind:
         return None
     reduce = np.nanmean if kind == "mean" else np.nanmedian
-    return kind, reduce(intensity, axis=0).astype(np.float32)
+    shape = headers[0].shape[1:]
+    per_column = n_frames * int(np.prod(shape[1:])) * 4
+    width = max(1, SLAB_BYTES // max(1, per_column))
+    out = np.empty(shape, dtype=np.float32)
+    for start in range(0, shape[0], width):
+        band = slice(start, start + width)
+        stacked = np.concatenate([read_band(h.path, "intensity", band) for h in headers])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bins stay NaN
+            out[band] = reduce(stacked, axis=0)
+    return kind, out
+
+
+def _corrected(headers: list[PartialHeader], config: Config, n_frames: int) -> CorrectedFrames:
+    """Each source frame corrected as the integration saw it, re-read from its Lima file."""
+    from .engine import Corrector
+
+    corrector = Corrector(config)
+    batch = max(1, config.output.corrected_chunk_frames)
+
+    def slabs():
+        for head in headers:
+            yield from _corrected_slabs(corrector, head, batch)
+
+    return CorrectedFrames((n_frames, *corrector.shape), slabs)
+
+
+def _corrected_slabs(corrector, head: PartialHeader, batch: int):
+    start, count = int(head.source_frame[0]), len(head.source_frame)
+    with open_frames(head.source_file, head.source_dataset) as dset:
+        if tuple(dset.shape[1:]) != corrector.shape:
+            raise InputDataError(
+                head.source_file,
+                f"frames are {tuple(dset.shape[1:])}, the detector is {corrector.shape}",
+            )
+        for first, frames in iter_batches(dset, start, count, size=batch):
+            corrected = np.empty(frames.shape, dtype=np.float32)
+            flags = np.empty(frames.shape, dtype=np.uint8)
+            for k, frame in enumerate(frames):
+                norm = float(head.normalization[first - start + k])
+                corrected[k], flags[k] = corrector.correct(frame, norm)
+            yield corrected, flags
 
 
 def _geometry(poni_file: str) -> dict:

@@ -71,13 +71,17 @@ class ChunkWriter:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def save(
-        self, group: h5py.Group, name: str, data: np.ndarray, storage: Storage
+        self, group: h5py.Group, name: str, data, storage: Storage, dtype=None
     ) -> h5py.Dataset:
-        """``data`` as dataset ``name``: compressed if larger than a few kB, else plain."""
+        """``data`` as dataset ``name``: compressed if larger than a few kB, else plain.
+
+        ``dtype`` may carry h5py metadata, such as a UTF-8 fixed-length string type.
+        """
         data = np.asarray(data)
-        if data.ndim == 0 or data.nbytes <= SMALL_BYTES or data.dtype.kind not in "biufS":
-            return group.create_dataset(name, data=data)
-        dset = self.create(group, name, data.shape, data.dtype, storage)
+        small = data.ndim == 0 or data.nbytes <= SMALL_BYTES
+        if small or data.dtype.kind not in "biufS":
+            return group.create_dataset(name, data=data, dtype=dtype)
+        dset = self.create(group, name, data.shape, dtype or data.dtype, storage)
         self.write(dset, [data], storage.filters)
         return dset
 
@@ -97,69 +101,86 @@ class ChunkWriter:
             name, shape=shape, dtype=dtype, chunks=chunks, **storage.filters.dataset_options()
         )
 
-    def write(self, dset: h5py.Dataset, blocks: Iterable[np.ndarray], filters: Filters) -> None:
-        """Fill ``dset`` from ``blocks``: consecutive slabs along the first axis, in order.
+    def write(self, dset: h5py.Dataset, slabs: Iterable[np.ndarray], filters: Filters) -> None:
+        """Fill ``dset`` from ``slabs``: consecutive pieces along the first axis, in order.
 
         The slabs may have any number of rows; they must add up to the dataset's length.
         """
-        encode = chunk_encoder(dset, deflate_library(filters))
-        pending: deque[tuple[tuple[int, ...], Future]] = deque()
-        for offset, chunk in iter_chunks(dset.shape, dset.chunks, dset.dtype, blocks):
-            pending.append((offset, self._pool.submit(encode, chunk)))
-            while len(pending) >= self.in_flight:
-                self._store(dset, *pending.popleft())
+        self.write_many([(dset, filters)], ((slab,) for slab in slabs))
+
+    def write_many(
+        self,
+        targets: list[tuple[h5py.Dataset, Filters]],
+        slabs: Iterable[tuple[np.ndarray, ...]],
+    ) -> None:
+        """Fill several datasets of equal length from one pass: slab k goes to target k.
+
+        For data produced together (corrected frames and their masks), computed once.
+        """
+        encoders = [chunk_encoder(dset, deflate_library(filters)) for dset, filters in targets]
+        bands = [Bands(dset.shape, dset.chunks, dset.dtype) for dset, _ in targets]
+        pending: deque[tuple[h5py.Dataset, tuple[int, ...], Future]] = deque()
+
+        def submit(k: int, chunks: Iterable[tuple[tuple[int, ...], np.ndarray]]) -> None:
+            for offset, chunk in chunks:
+                pending.append((targets[k][0], offset, self._pool.submit(encoders[k], chunk)))
+                while len(pending) >= self.in_flight:
+                    self._store(*pending.popleft())
+
+        for pieces in slabs:
+            if len(pieces) != len(targets):
+                raise ValueError(f"{len(pieces)} slabs for {len(targets)} datasets")
+            for k, piece in enumerate(pieces):
+                submit(k, bands[k].push(piece))
+        for k, band in enumerate(bands):
+            submit(k, band.finish())
         while pending:
-            self._store(dset, *pending.popleft())
+            self._store(*pending.popleft())
 
     @staticmethod
     def _store(dset: h5py.Dataset, offset: tuple[int, ...], future: Future) -> None:
         dset.id.write_direct_chunk(offset, future.result())
 
 
-def iter_chunks(
-    shape: tuple[int, ...], chunks: tuple[int, ...], dtype, blocks: Iterable[np.ndarray]
-) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-    """(chunk offset, full-size chunk) in storage order; edge chunks are zero-padded.
+class Bands:
+    """Regroups slabs of any height into full chunks, in storage order.
 
-    HDF5 stores every chunk at full size, even where it overhangs the dataset's end.
+    Slabs are cut into bands of one chunk's height, and bands into chunks along the other
+    axes. HDF5 stores every chunk at full size, so edge chunks are zero-padded.
     """
-    dtype = np.dtype(dtype)
-    grids = [range(0, n, c) for n, c in zip(shape[1:], chunks[1:], strict=True)]
-    for start, band in iter_bands(shape, chunks[0], dtype, blocks):
+
+    def __init__(self, shape: tuple[int, ...], chunks: tuple[int, ...], dtype) -> None:
+        self.shape, self.chunks, self.dtype = tuple(shape), tuple(chunks), np.dtype(dtype)
+        self._held: list[np.ndarray] = []
+        self._count = 0  # rows held
+        self._start = 0  # first row not yet cut into chunks
+
+    def push(self, slab: np.ndarray) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        slab = np.asarray(slab, dtype=self.dtype)
+        if slab.shape[1:] != self.shape[1:]:
+            raise ValueError(f"slab of shape {slab.shape} for a dataset of shape {self.shape}")
+        self._held.append(slab)
+        self._count += slab.shape[0]
+        while self._count >= self.chunks[0]:
+            yield from self._cut(self.chunks[0])
+
+    def finish(self) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        if self._count:
+            yield from self._cut(self._count)
+        if self._start != self.shape[0]:
+            raise ValueError(f"{self._start} rows written to a dataset of {self.shape[0]}")
+
+    def _cut(self, rows: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        stacked = self._held[0] if len(self._held) == 1 else np.concatenate(self._held)
+        band, rest = stacked[:rows], stacked[rows:]
+        self._held, self._count = ([rest] if len(rest) else []), self._count - rows
+        start, self._start = self._start, self._start + rows
+        if start + rows > self.shape[0]:
+            raise ValueError(f"more than {self.shape[0]} rows written to the dataset")
+        grids = [range(0, n, c) for n, c in zip(self.shape[1:], self.chunks[1:], strict=True)]
         for corner in itertools.product(*grids):
-            offset = (start, *corner)
-            piece = band[tuple(slice(o, o + c) for o, c in zip((0, *corner), chunks, strict=True))]
-            yield offset, _padded(piece, chunks, dtype)
-
-
-def iter_bands(
-    shape: tuple[int, ...], rows: int, dtype: np.dtype, blocks: Iterable[np.ndarray]
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Regroup slabs of any height into bands of ``rows`` rows (the last may be shorter)."""
-    held: list[np.ndarray] = []
-    count = start = 0
-    for block in blocks:
-        block = np.asarray(block, dtype=dtype)
-        if tuple(block.shape[1:]) != tuple(shape[1:]):
-            raise ValueError(f"block of shape {block.shape} for a dataset of shape {shape}")
-        held.append(block)
-        count += block.shape[0]
-        while count >= rows:
-            band, held, count = _take(held, rows, count)
-            yield start, band
-            start += rows
-    if count:
-        band, held, count = _take(held, count, count)
-        yield start, band
-        start += band.shape[0]
-    if start != shape[0]:
-        raise ValueError(f"{start} rows written to a dataset of {shape[0]}")
-
-
-def _take(held: list[np.ndarray], rows: int, count: int):
-    """The first ``rows`` rows of the held slabs, and what is left."""
-    stacked = held[0] if len(held) == 1 else np.concatenate(held)
-    return stacked[:rows], ([stacked[rows:]] if count > rows else []), count - rows
+            where = tuple(slice(o, o + c) for o, c in zip((0, *corner), self.chunks, strict=True))
+            yield (start, *corner), _padded(band[where], self.chunks, self.dtype)
 
 
 def _padded(piece: np.ndarray, chunks: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

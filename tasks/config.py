@@ -715,6 +715,17 @@ class Config:
                 payload[key] += f"@{stat.st_mtime_ns}:{stat.st_size}"
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
+    def output_fingerprint(self) -> str:
+        """Hash of what the output holds: the integration, and whether corrected frames are in.
+
+        Compression settings are left out: they change the bytes, never the values.
+        """
+        content = {
+            "integration": self.integration_fingerprint(),
+            "save_corrected": self.output.save_corrected,
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
 
 def _parse_one(section: str, key: str, text: str, parse, source: str):
     try:

@@ -199,6 +199,60 @@ class Engine:
         return np.asarray(res.radial), None
 
 
+class Corrector:
+    """Corrected frames: each pixel as pyFAI's integration sees it, for ``save_corrected``.
+
+    The same arrays the integration divides by (dark, flat, solid angle, polarization,
+    sensor absorption, monitor) and the same mask and dummies, applied by pyFAI's own
+    ``preproc``. Masked and invalid pixels are NaN; :meth:`correct` says which is which.
+    """
+
+    MASKED, INVALID = 1, 2
+
+    def __init__(self, config: Config):
+        c = self.config = config.integration
+        self.ai = ai = load_geometry(c)
+        self.shape = shape = tuple(ai.detector.shape)
+        corrections = load_corrections(c, shape)
+        # pyFAI's rules: a mask file replaces the detector's mask; no dark/flat: the detector's
+        self.mask = corrections.mask if corrections.mask is not None else ai.mask
+        self.dark = corrections.dark if corrections.dark is not None else ai.detector.darkcurrent
+        self.flat = corrections.flat if corrections.flat is not None else ai.detector.flatfield
+        self.solid_angle = ai.solidAngleArray(shape, True) if c.correct_solid_angle else None
+        self.polarization = (
+            None if c.polarization_factor is None else ai.polarization(shape, c.polarization_factor)
+        )
+        self.absorption = attenuation(ai, c) if c.correct_detector_attenuation else None
+        self.static = (
+            np.zeros(shape, dtype=np.uint8)
+            if self.mask is None
+            else (np.asarray(self.mask) != 0).astype(np.uint8) * self.MASKED
+        )
+
+    def correct(self, frame: np.ndarray, normalization: float = 1.0):
+        """(corrected float32 frame, uint8 mask: 0 used, 1 masked, 2 invalid in this frame)."""
+        from pyFAI.engines.preproc import preproc
+
+        dummy, delta_dummy = self.ai.detector.get_dummies(frame)
+        corrected = preproc(
+            frame,
+            dark=self.dark,
+            flat=self.flat,
+            solidangle=self.solid_angle,
+            polarization=self.polarization,
+            absorption=self.absorption,
+            mask=self.mask,
+            dummy=dummy,
+            delta_dummy=delta_dummy,
+            normalization_factor=normalization,
+            empty=np.nan,
+            dtype=np.float32,
+        )
+        flags = self.static.copy()
+        flags[(flags == 0) & ~np.isfinite(corrected)] = self.INVALID
+        return corrected, flags
+
+
 _ENGINES: dict[str, Engine] = {}
 
 

@@ -51,11 +51,11 @@ def _where(request) -> dict:
 
 def _integrate(task: FileTask, client) -> int:
     from .engine import engine_for  # pyFAI loads here, in the worker's child process
+    from .partials import Partial, write_partial
     from .readers import iter_batches, open_frames
-    from .writers import Partial, write_partial
 
     engine = engine_for(task.config_obj())
-    rows, sigmas = [], []
+    rows, sigmas, norms = [], [], []
     monitor = task.monitor
     with open_frames(task.path, task.dataset) as dset:
         if tuple(dset.shape[1:]) != engine.shape:
@@ -69,6 +69,7 @@ def _integrate(task: FileTask, client) -> int:
                 result = engine.integrate(frame, norm)
                 rows.append(result.intensity)
                 sigmas.append(result.sigma)
+                norms.append(norm)
             registry.add_frames(client, task.prefix, task.job_id, len(batch))
     if not rows:
         raise InputDataError(task.path, f"no frames in {task.dataset}")
@@ -78,7 +79,9 @@ def _integrate(task: FileTask, client) -> int:
         radial=engine.radial,
         azimuthal=engine.azimuthal,
         source_file=task.path,
+        source_dataset=task.dataset,
         source_frame=np.arange(task.src_start, task.src_start + task.n_frames),
+        normalization=np.asarray(norms, dtype=np.float64),
     )
     write_partial(task.partial, partial)
     return task.n_frames

@@ -46,7 +46,7 @@ def plan_job(
     """Discover the scans and build every payload; problems are collected, not raised."""
     job_id = job_id or uuid.uuid4().hex[:12]
     found = discover(config)
-    fingerprint = config.integration_fingerprint()
+    fingerprint = config.output_fingerprint()
     todo, skipped, problems = [], [], list(found.problems)
     for scan in found.scans:
         try:

@@ -15,6 +15,7 @@ import redis
 from pyFAI.calibrant import get_calibrant
 from pyFAI.detectors.sensors import ALL_MATERIALS
 
+from tasks.codecs import pipeline
 from tasks.discovery import LIMA_DATASET
 from worker_launcher.redis_server import start_embedded_redis
 
@@ -58,6 +59,38 @@ def assert_rows_equal(output: dict, references: list):
         np.testing.assert_allclose(output["errors"][row], ref.sigma, rtol=1e-4, atol=1e-9)
 
 
+def assert_corrected_equal_preproc(output, entry, frames, ai, mask, monitor=None, **corrections):
+    """Stored corrected frames and masks against pyFAI's own preproc on the same raw frames."""
+    from pyFAI.engines.preproc import preproc
+
+    shape = frames[0].shape
+    with h5py.File(output) as h5:
+        data, flags = h5[f"{entry}/corrected/data"], h5[f"{entry}/corrected/mask"]
+        assert data.shape == (len(frames), *shape) and data.dtype == np.float32
+        assert flags.shape == data.shape and flags.dtype == np.uint8
+        assert data.fletcher32 and flags.fletcher32 and data.chunks == (1, *shape)
+        for i, frame in enumerate(frames):
+            dummy, delta_dummy = ai.detector.get_dummies(frame)
+            expected = preproc(
+                frame,
+                solidangle=ai.solidAngleArray(shape, 3),
+                mask=mask,
+                dummy=dummy,
+                delta_dummy=delta_dummy,
+                normalization_factor=1.0 if monitor is None else float(monitor[i]),
+                empty=np.nan,
+                dtype=np.float32,
+                **corrections,
+            )
+            np.testing.assert_allclose(data[i], expected, rtol=1e-6, equal_nan=True)
+            expected_flags = np.where(mask != 0, 1, np.where(np.isfinite(expected), 0, 2))
+            np.testing.assert_array_equal(flags[i], expected_flags)
+        return {
+            name: [fid for fid, _ in pipeline(h5[f"{entry}/corrected/{name}"])]
+            for name in ("data", "mask")
+        }
+
+
 def peak_positions(x: np.ndarray, y: np.ndarray, n: int) -> list[float]:
     """Centroids of the n strongest well-separated peaks, above a local background."""
     from scipy.signal import find_peaks
@@ -74,7 +107,9 @@ def peak_positions(x: np.ndarray, y: np.ndarray, n: int) -> list[float]:
 
 def test_2th_bbox_with_monitor_equals_pyfai(small_demo, tmp_path):
     config = edit_config(
-        small_demo.config, {"output": {"location": str(tmp_path / "out")}}, tmp_path / "c.ini"
+        small_demo.config,
+        {"output": {"location": str(tmp_path / "out"), "save_corrected": "1"}},
+        tmp_path / "c.ini",
     )
     summary = run_ok(config)
     assert summary["files_total"] == 4 and summary["files_done"] == 4
@@ -105,7 +140,16 @@ def test_2th_bbox_with_monitor_equals_pyfai(small_demo, tmp_path):
         assert [s.decode() for s in data["source_file"]] == [sources[0]] * 4 + [sources[1]] * 4
         assert list(data["source_frame"]) == [0, 1, 2, 3, 0, 1, 2, 3]
         assert attrs["signal"] == "intensity"
+        np.testing.assert_array_equal(data["normalization"], monitor)
+        compression = assert_corrected_equal_preproc(
+            output, entry, frames, ai, mask, monitor, polarization=ai.polarization(None, 0.99)
+        )
+        assert compression == {"data": [2, 1, 3], "mask": [1, 3]}  # shuffle, deflate, fletcher32
         with h5py.File(output) as h5:
+            for name in ("intensity", "errors"):  # default: deflate 1 + shuffle + fletcher32
+                dset = h5[f"{entry}/integrated/{name}"]
+                assert (dset.compression, dset.compression_opts) == ("gzip", 1)
+                assert dset.shuffle and dset.fletcher32
             assert h5[f"{entry}/measurement/mon"].shape == (8,)
             assert "LaB6" in h5["/"].attrs["default"] or h5["/"].attrs["default"] == entry
             assert "[azimuthal integration]" in h5[f"{entry}/ai/configuration/data"][()].decode()
@@ -142,7 +186,11 @@ def test_q_with_mask_dark_flat_polarization_attenuation(small_demo, tmp_path):
     config = edit_config(
         small_demo.config,
         {
-            "output": {"location": str(tmp_path / "out")},
+            "output": {
+                "location": str(tmp_path / "out"),
+                "save_corrected": "1",
+                "corrected_codec": "bitshuffle_lz4",
+            },
             "azimuthal integration": {
                 "unit": "q_nm^-1",
                 "n_pts": "800",
@@ -186,6 +234,18 @@ def test_q_with_mask_dark_flat_polarization_attenuation(small_demo, tmp_path):
     data, attrs = read_output(output, "2.1")
     assert_rows_equal(data, refs)
     assert "q_nm^-1" in data and list(attrs["axes"]) == [".", "q_nm^-1"]
+    compression = assert_corrected_equal_preproc(
+        output,
+        "2.1",
+        frames,
+        ai,
+        fabio.open(small_demo.mask).data,
+        dark=fabio.open(dark).data,
+        flat=fabio.open(flat).data,
+        polarization=ai.polarization(None, 0.95),
+        absorption=absorption,
+    )
+    assert compression == {"data": [32008, 3], "mask": [32008, 3]}  # bitshuffle, fletcher32
 
 
 def test_2d_caking_equals_integrate2d_ng(small_demo, tmp_path):

@@ -1,0 +1,104 @@
+"""Partial results: what one file task leaves for its scan's assembly, and reading them back.
+
+A partial is small, uncompressed HDF5 in the workspace: fast to write from an engine and to
+read back in slabs. The scan's final file is compressed once, by the assembly task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from .errors import OutputError
+from .writers import atomic_h5
+
+SLAB_BYTES = 64 * 2**20  # rows read back at a time from a partial
+
+
+@dataclass
+class Partial:
+    """The integrated rows of one Lima file (or part of one), in frame order."""
+
+    intensity: np.ndarray  # (n, npt) or (n, slices, npt)
+    sigma: np.ndarray | None
+    radial: np.ndarray
+    azimuthal: np.ndarray | None
+    source_file: str
+    source_dataset: str
+    source_frame: np.ndarray  # frame index in the source file, per row
+    normalization: np.ndarray  # monitor value each row was divided by (1 without monitor)
+
+
+@dataclass
+class PartialHeader:
+    """Everything of a partial but its rows, which are read in slabs."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    has_sigma: bool
+    radial: np.ndarray
+    azimuthal: np.ndarray | None
+    source_file: str
+    source_dataset: str
+    source_frame: np.ndarray
+    normalization: np.ndarray
+
+
+def write_partial(path: str, part: Partial) -> None:
+    with atomic_h5(path) as h5:
+        h5["intensity"] = part.intensity
+        if part.sigma is not None:
+            h5["sigma"] = part.sigma
+        h5["radial"] = part.radial
+        if part.azimuthal is not None:
+            h5["azimuthal"] = part.azimuthal
+        h5["source_frame"] = part.source_frame
+        h5["normalization"] = part.normalization
+        h5.attrs["source_file"] = part.source_file
+        h5.attrs["source_dataset"] = part.source_dataset
+
+
+def read_header(path: str) -> PartialHeader:
+    try:
+        with h5py.File(path, "r") as h5:
+            rows = h5["intensity"]
+            return PartialHeader(
+                path=path,
+                shape=rows.shape,
+                dtype=rows.dtype,
+                has_sigma="sigma" in h5,
+                radial=h5["radial"][()],
+                azimuthal=h5["azimuthal"][()] if "azimuthal" in h5 else None,
+                source_file=str(h5.attrs["source_file"]),
+                source_dataset=str(h5.attrs["source_dataset"]),
+                source_frame=h5["source_frame"][()],
+                normalization=h5["normalization"][()],
+            )
+    except (OSError, KeyError) as exc:
+        raise OutputError(path, f"partial result unreadable: {exc}") from None
+
+
+def iter_rows(path: str, name: str, budget: int = SLAB_BYTES) -> Iterator[np.ndarray]:
+    """Dataset ``name`` of a partial, in slabs of at most ``budget`` bytes, in order."""
+    try:
+        with h5py.File(path, "r") as h5:
+            dset = h5[name]
+            row_bytes = max(1, dset.dtype.itemsize * int(np.prod(dset.shape[1:])))
+            step = max(1, budget // row_bytes)
+            for start in range(0, dset.shape[0], step):
+                yield dset[start : start + step]
+    except (OSError, KeyError) as exc:
+        raise OutputError(path, f"partial result unreadable: {exc}") from None
+
+
+def read_band(path: str, name: str, band: slice) -> np.ndarray:
+    """Every row of ``name``, restricted to ``band`` along its second axis."""
+    try:
+        with h5py.File(path, "r") as h5:
+            return h5[name][:, band]
+    except (OSError, KeyError) as exc:
+        raise OutputError(path, f"partial result unreadable: {exc}") from None
