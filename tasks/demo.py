@@ -48,10 +48,10 @@ def write_demo(spec: DemoSpec) -> DemoFiles:
     """Write the dataset, PONI, mask and a ready configuration; return their paths."""
     raw = Path(spec.root, "RAW_DATA", spec.sample, f"{spec.sample}_0001")
     raw.mkdir(parents=True, exist_ok=True)
-    ai = _geometry(spec)
+    ai = geometry(spec)
     poni = _write_poni(ai, Path(spec.root, "calibration", "LaB6.poni"))
     mask_path, mask = _write_mask(ai, Path(spec.root, "calibration", "mask.edf"))
-    ideal = _ideal_pattern(ai, mask)
+    ideal = ideal_pattern(ai, mask)
     rng = np.random.default_rng(spec.seed)
     master = raw / f"{spec.sample}_0001.h5"
     with h5py.File(master, "w") as h5:
@@ -62,7 +62,8 @@ def write_demo(spec: DemoSpec) -> DemoFiles:
     return DemoFiles(str(master), str(poni), str(mask_path), str(config))
 
 
-def _geometry(spec: DemoSpec):
+def geometry(spec: DemoSpec):
+    """The demo's pyFAI integrator: the detector with a slightly tilted beam off centre."""
     import pyFAI.detectors
     from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
@@ -90,9 +91,15 @@ def _write_poni(ai, path: Path) -> Path:
 
 
 def _write_mask(ai, path: Path) -> tuple[Path, np.ndarray]:
-    """Module gaps of the detector plus a beamstop disc around the beam centre."""
     import fabio
 
+    mask = detector_mask(ai)
+    fabio.edfimage.EdfImage(data=mask).write(str(path))
+    return path, mask
+
+
+def detector_mask(ai) -> np.ndarray:
+    """Module gaps of the detector plus a beamstop disc around the beam centre."""
     shape = ai.detector.shape
     mask = np.zeros(shape, dtype=np.int8)
     if ai.detector.mask is not None:
@@ -100,11 +107,10 @@ def _write_mask(ai, path: Path) -> tuple[Path, np.ndarray]:
     rows, cols = np.ogrid[: shape[0], : shape[1]]
     c1, c2 = ai.poni1 / ai.detector.pixel1, ai.poni2 / ai.detector.pixel2
     mask[(rows - c1) ** 2 + (cols - c2) ** 2 < 25**2] = 1
-    fabio.edfimage.EdfImage(data=mask).write(str(path))
-    return path, mask
+    return mask
 
 
-def _ideal_pattern(ai, mask: np.ndarray) -> np.ndarray:
+def ideal_pattern(ai, mask: np.ndarray) -> np.ndarray:
     """Expected counts at the mean monitor: LaB6 rings over a smooth background."""
     from pyFAI.calibrant import get_calibrant
 
