@@ -37,7 +37,8 @@ def assemble_scan(results: list[dict], payload: dict) -> dict:
     try:
         config = scan.config_obj()
         result = build_result(scan, config)
-        write_nexus(scan.output, result, OutputStorage.from_config(config), config.output.file_mode)
+        storage = OutputStorage.from_config(config)
+        write_nexus(scan.output, result, storage, config.output.file_mode)
     except Exception as exc:
         if not isinstance(exc, RingflowError):
             log.exception("unexpected error assembling %s", scan.scan_key)
@@ -49,6 +50,15 @@ def assemble_scan(results: list[dict], payload: dict) -> dict:
             "message": f"{scan.output}: {message}" if scan.output not in message else message,
         }
     _remove_partials(scan.partials)
+    log.info(
+        "%s: %d frames written to %s (%s, %d threads) in %.1f s",
+        scan.scan_key,
+        result.intensity.shape[0],
+        scan.output,
+        storage.integrated.filters.describe(),
+        storage.threads,
+        time.monotonic() - start,
+    )
     return {
         "status": "done",
         "scan": scan.scan_key,
