@@ -19,12 +19,14 @@ import numpy as np
 from .app import app
 from .config import Config
 from .errors import InputDataError, RingflowError
-from .partials import SLAB_BYTES, PartialHeader, iter_rows, read_band, read_header
+from .partials import PartialHeader, iter_rows, read_block, read_header
 from .payloads import ScanTask
-from .readers import iter_batches, open_frames
+from .readers import batch_size, iter_batches, open_frames
 from .writers import CorrectedFrames, OutputStorage, ScanResult, Stream, write_nexus
 
 log = logging.getLogger(__name__)
+AVERAGE_BYTES = 64 * 2**20  # partial rows held at once to average over frames
+CORRECTED_BATCH_BYTES = 32 * 2**20  # raw frames read at once for save_corrected
 
 
 @app.task(name="ringflow.assemble_scan")
@@ -117,21 +119,35 @@ def _rows(headers: list[PartialHeader], name: str, n_frames: int) -> Stream:
 
 
 def _average(headers: list[PartialHeader], kind: str, n_frames: int):
-    """Mean or median over all frames, band by band along the bins: bounded memory."""
+    """Mean or median over all frames, block by block over the bins: bounded memory."""
     if not kind:
         return None
     reduce = np.nanmean if kind == "mean" else np.nanmedian
     shape = headers[0].shape[1:]
-    per_column = n_frames * int(np.prod(shape[1:])) * 4
-    width = max(1, SLAB_BYTES // max(1, per_column))
     out = np.empty(shape, dtype=np.float32)
-    for start in range(0, shape[0], width):
-        band = slice(start, start + width)
-        stacked = np.concatenate([read_band(h.path, "intensity", band) for h in headers])
+    per_bin = n_frames * headers[0].dtype.itemsize
+    for where in bin_blocks(shape, per_bin, AVERAGE_BYTES):
+        stacked = np.concatenate([read_block(h.path, "intensity", where) for h in headers])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bins stay NaN
-            out[band] = reduce(stacked, axis=0)
+            out[where] = reduce(stacked, axis=0)
     return kind, out
+
+
+def bin_blocks(shape: tuple[int, ...], per_bin: int, budget: int) -> list[tuple[slice, ...]]:
+    """Index blocks covering ``shape`` (bins, or slices x bins), each at most ``budget`` bytes
+    when a bin costs ``per_bin``: whole rows of the last axis when they fit, else pieces."""
+    width = max(1, budget // max(1, per_bin))
+    last = shape[-1]
+    if len(shape) == 1 or width < last:
+        rows = [(s,) for s in range(shape[0])] if len(shape) == 2 else [()]
+        return [
+            (*(slice(r, r + 1) for r in row), slice(b, b + width))
+            for row in rows
+            for b in range(0, last, width)
+        ]
+    step = width // last
+    return [(slice(s, s + step), slice(None)) for s in range(0, shape[0], step)]
 
 
 def _corrected(headers: list[PartialHeader], config: Config, n_frames: int) -> CorrectedFrames:
@@ -139,7 +155,7 @@ def _corrected(headers: list[PartialHeader], config: Config, n_frames: int) -> C
     from .engine import Corrector
 
     corrector = Corrector(config)
-    batch = max(1, config.output.corrected_chunk_frames)
+    batch = batch_size(corrector.shape, 4, CORRECTED_BATCH_BYTES)
 
     def slabs():
         for head in headers:
@@ -150,6 +166,8 @@ def _corrected(headers: list[PartialHeader], config: Config, n_frames: int) -> C
 
 def _corrected_slabs(corrector, head: PartialHeader, batch: int):
     start, count = int(head.source_frame[0]), len(head.source_frame)
+    if not head.source_dataset:
+        raise RingflowError(f"{head.path}: partial from an older ringflow; requeue its file")
     with open_frames(head.source_file, head.source_dataset) as dset:
         if tuple(dset.shape[1:]) != corrector.shape:
             raise InputDataError(

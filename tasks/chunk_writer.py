@@ -5,7 +5,7 @@ and h5py holds one global lock around every call, so a compressed write uses one
 the chunks of a dataset are encoded (shuffle, codec, fletcher32: see :mod:`tasks.codecs`) by
 a thread pool while the calling thread keeps producing data and storing finished chunks with
 ``write_direct_chunk``. At most ``in_flight`` chunks are queued, so memory is bounded by the
-chunk size, not by the dataset size.
+chunk size and the slabs handed in, never by the dataset size.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .codecs import Filters, chunk_encoder, deflate_library
 
 SMALL_BYTES = 4096  # datasets up to this size are stored contiguous and uncompressed
 CHUNK_TARGET_BYTES = 2**20  # automatic chunks hold about this many bytes
+FLIGHT_BYTES = 256 * 2**20  # default bound on the raw bytes of queued chunks
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class ChunkWriter:
 
     def __init__(self, threads: int = 0, in_flight: int = 0):
         self.threads = threads or task_cores()
-        self.in_flight = in_flight or 4 * self.threads
+        self.in_flight = in_flight  # 0: default_in_flight() for each write
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ringflow-compress")
 
     def __enter__(self) -> ChunkWriter:
@@ -119,12 +120,13 @@ class ChunkWriter:
         """
         encoders = [chunk_encoder(dset, deflate_library(filters)) for dset, filters in targets]
         bands = [Bands(dset.shape, dset.chunks, dset.dtype) for dset, _ in targets]
+        limit = self.in_flight or self.default_in_flight([dset for dset, _ in targets])
         pending: deque[tuple[h5py.Dataset, tuple[int, ...], Future]] = deque()
 
         def submit(k: int, chunks: Iterable[tuple[tuple[int, ...], np.ndarray]]) -> None:
             for offset, chunk in chunks:
                 pending.append((targets[k][0], offset, self._pool.submit(encoders[k], chunk)))
-                while len(pending) >= self.in_flight:
+                while len(pending) >= limit:
                     self._store(*pending.popleft())
 
         for pieces in slabs:
@@ -137,9 +139,15 @@ class ChunkWriter:
         while pending:
             self._store(*pending.popleft())
 
+    def default_in_flight(self, datasets: list[h5py.Dataset]) -> int:
+        """4 chunks per thread, fewer if they would hold more than FLIGHT_BYTES together."""
+        largest = max(math.prod(d.chunks) * d.dtype.itemsize for d in datasets)
+        return max(self.threads + 1, min(4 * self.threads, FLIGHT_BYTES // largest))
+
     @staticmethod
     def _store(dset: h5py.Dataset, offset: tuple[int, ...], future: Future) -> None:
-        dset.id.write_direct_chunk(offset, future.result())
+        payload, filter_mask = future.result()
+        dset.id.write_direct_chunk(offset, payload, filter_mask)
 
 
 class Bands:
@@ -171,9 +179,7 @@ class Bands:
             raise ValueError(f"{self._start} rows written to a dataset of {self.shape[0]}")
 
     def _cut(self, rows: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-        stacked = self._held[0] if len(self._held) == 1 else np.concatenate(self._held)
-        band, rest = stacked[:rows], stacked[rows:]
-        self._held, self._count = ([rest] if len(rest) else []), self._count - rows
+        band = self._take(rows)
         start, self._start = self._start, self._start + rows
         if start + rows > self.shape[0]:
             raise ValueError(f"more than {self.shape[0]} rows written to the dataset")
@@ -181,6 +187,18 @@ class Bands:
         for corner in itertools.product(*grids):
             where = tuple(slice(o, o + c) for o, c in zip((0, *corner), self.chunks, strict=True))
             yield (start, *corner), _padded(band[where], self.chunks, self.dtype)
+
+    def _take(self, rows: int) -> np.ndarray:
+        """The next ``rows`` held rows: a view if one slab has them, else a copy of them only."""
+        parts, need = [], rows
+        while need:
+            head = self._held[0]
+            parts.append(head[:need])
+            need -= len(parts[-1])
+            rest = head[len(parts[-1]) :]
+            self._held = ([rest] if len(rest) else []) + self._held[1:]
+        self._count -= rows
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _padded(piece: np.ndarray, chunks: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

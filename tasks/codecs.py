@@ -24,6 +24,7 @@ import numpy as np
 
 FILTER_DEFLATE, FILTER_SHUFFLE, FILTER_FLETCHER32 = 1, 2, 3
 FILTER_BITSHUFFLE, FILTER_ZSTD, FILTER_BLOSC = 32008, 32015, 32001
+FLAG_OPTIONAL = 1  # H5Z_FLAG_OPTIONAL
 BITSHUFFLE_LZ4 = 2
 BLOSC_CNAMES = {0: "blosclz", 1: "lz4", 2: "lz4hc", 3: "snappy", 4: "zlib", 5: "zstd"}
 
@@ -131,21 +132,38 @@ def deflate_library(filters: Filters) -> str:
 Step = Callable[[np.ndarray | bytes], bytes | np.ndarray]
 
 
+class Incompressible(Exception):
+    """An optional filter declines a chunk: HDF5 then stores it without that filter."""
+
+
 def pipeline(dset: h5py.Dataset) -> list[tuple[int, tuple[int, ...]]]:
     """(filter id, client values) of ``dset``, in the order HDF5 applies them on write."""
     plist = dset.id.get_create_plist()
     return [tuple(plist.get_filter(i)[::2]) for i in range(plist.get_nfilters())]
 
 
-def chunk_encoder(dset: h5py.Dataset, deflate: str = "zlib") -> Callable[[np.ndarray], bytes]:
-    """A function mapping one full chunk (C-contiguous, dataset dtype) to its stored bytes."""
-    steps = [_step(fid, values, dset.dtype, deflate) for fid, values in pipeline(dset)]
+def chunk_encoder(
+    dset: h5py.Dataset, deflate: str = "zlib"
+) -> Callable[[np.ndarray], tuple[bytes, int]]:
+    """A function mapping one full chunk (C-contiguous, dataset dtype) to its stored bytes
+    and filter mask: bit k set when optional filter k declined the chunk, as HDF5 does."""
+    plist = dset.id.get_create_plist()
+    steps = []
+    for index in range(plist.get_nfilters()):
+        fid, flags, values, _ = plist.get_filter(index)
+        steps.append((_step(fid, values, dset.dtype, deflate), bool(flags & FLAG_OPTIONAL)))
 
-    def encode(chunk: np.ndarray) -> bytes:
+    def encode(chunk: np.ndarray) -> tuple[bytes, int]:
         data: np.ndarray | bytes = chunk
-        for step in steps:
-            data = step(data)
-        return data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()
+        mask = 0
+        for index, (step, optional) in enumerate(steps):
+            try:
+                data = step(data)
+            except Incompressible:
+                if not optional:
+                    raise
+                mask |= 1 << index
+        return bytes(_as_bytes(data)), mask
 
     return encode
 
@@ -221,7 +239,10 @@ def _blosc(data, clevel: int, shuffle: int, cname: str, dtype: np.dtype) -> byte
     raw = np.frombuffer(_as_bytes(data), dtype=np.uint8)
     typed = raw.view(dtype) if dtype.itemsize and raw.size % dtype.itemsize == 0 else raw
     codec = numcodecs.Blosc(cname=cname, clevel=clevel, shuffle=shuffle, blocksize=0)
-    return bytes(codec.encode(typed))
+    encoded = bytes(codec.encode(typed))
+    if len(encoded) > raw.size:  # the HDF5 filter's output buffer is the input's size
+        raise Incompressible
+    return encoded
 
 
 def _append_fletcher32(data) -> bytes:

@@ -720,10 +720,9 @@ class Config:
 
         Compression settings are left out: they change the bytes, never the values.
         """
-        content = {
-            "integration": self.integration_fingerprint(),
-            "save_corrected": self.output.save_corrected,
-        }
+        if not self.output.save_corrected:  # as before save_corrected existed
+            return self.integration_fingerprint()
+        content = {"integration": self.integration_fingerprint(), "save_corrected": True}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 

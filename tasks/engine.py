@@ -150,6 +150,8 @@ class Engine:
     def _kwargs(self) -> dict:
         c = self.config
         flat = self.corrections.flat
+        if flat is None:  # pyFAI's default, made explicit so 2D can fold absorption into it
+            flat = self.ai.detector.flatfield
         kwargs = dict(
             unit=c.unit,
             method=self.method,

@@ -15,7 +15,7 @@ import numpy as np
 from .errors import OutputError
 from .writers import atomic_h5
 
-SLAB_BYTES = 64 * 2**20  # rows read back at a time from a partial
+SLAB_BYTES = 8 * 2**20  # rows read back at a time: what the writer holds besides its chunks
 
 
 @dataclass
@@ -74,9 +74,11 @@ def read_header(path: str) -> PartialHeader:
                 radial=h5["radial"][()],
                 azimuthal=h5["azimuthal"][()] if "azimuthal" in h5 else None,
                 source_file=str(h5.attrs["source_file"]),
-                source_dataset=str(h5.attrs["source_dataset"]),
+                source_dataset=str(h5.attrs.get("source_dataset", "")),  # older partials
                 source_frame=h5["source_frame"][()],
-                normalization=h5["normalization"][()],
+                normalization=(
+                    h5["normalization"][()] if "normalization" in h5 else np.ones(rows.shape[0])
+                ),
             )
     except (OSError, KeyError) as exc:
         raise OutputError(path, f"partial result unreadable: {exc}") from None
@@ -95,10 +97,10 @@ def iter_rows(path: str, name: str, budget: int = SLAB_BYTES) -> Iterator[np.nda
         raise OutputError(path, f"partial result unreadable: {exc}") from None
 
 
-def read_band(path: str, name: str, band: slice) -> np.ndarray:
-    """Every row of ``name``, restricted to ``band`` along its second axis."""
+def read_block(path: str, name: str, where: tuple[slice, ...]) -> np.ndarray:
+    """Every row of ``name``, restricted to ``where`` along its other axes."""
     try:
         with h5py.File(path, "r") as h5:
-            return h5[name][:, band]
+            return h5[name][(slice(None), *where)]
     except (OSError, KeyError) as exc:
         raise OutputError(path, f"partial result unreadable: {exc}") from None
