@@ -507,7 +507,8 @@ class OutputConfig:
     chunks_in_flight: int = option(
         "chunks_in_flight",
         _int(0),
-        "ringflow: most chunks queued for compression (bounds memory); 0: 4 per thread.",
+        "ringflow: most chunks queued for compression (bounds memory); 0: 4 per thread, "
+        "at most 256 MiB of them.",
         0,
     )
 
