@@ -52,7 +52,12 @@ def job_progress(plan: JobPlan, quiet: bool) -> Iterator[Callable]:
 def report(summary: JobSummary, as_json: bool) -> None:
     """Failures and totals on stderr; outputs (or the JSON summary) on stdout."""
     for failure in summary.files_failed:
-        say("failed", failure["message"])
+        attempts = failure.get("attempts", 1)
+        say(
+            "failed", failure["message"] + (f" (after {attempts} attempts)" if attempts > 1 else "")
+        )
+    for path, attempts in summary.files_retried.items():
+        say("retried", f"{path}: done at attempt {attempts}")
     rate = summary.frames / summary.seconds if summary.seconds else 0.0
     err.print(
         f"{summary.files_done}/{summary.files_total} files, {summary.frames} frames in "

@@ -562,6 +562,28 @@ class QueueConfig:
         "Seconds a GPU queue may hold files with no live worker before they move to live ones.",
         60,
     )
+    max_retries: int = option(
+        "max_retries",
+        _int(0),
+        "ringflow: retries of a file after a transient error (file missing or locked by its "
+        "writer, I/O error, broker dropped); corrupt data fails at once.",
+        3,
+    )
+    retry_delay_s: int = option(
+        "retry_delay_s",
+        _int(1),
+        "ringflow: first retry delay in seconds; doubles each time, with random jitter.",
+        2,
+    )
+    retry_delay_max_s: int = option(
+        "retry_delay_max_s", _int(1), "ringflow: longest retry delay in seconds.", 60
+    )
+    job_ttl_days: int = option(
+        "job_ttl_days",
+        _int(1),
+        "ringflow: days a job's records (manifest, done, failed files) stay in Redis.",
+        7,
+    )
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ RingflowError
  +- ConfigError        a configuration key has an invalid or unsupported value
  +- DiscoveryError     a dataset file, entry or detector could not be resolved
  +- InputDataError     a file is unreadable or its content does not fit (shape, dtype)
+ |   +- TransientInputError  ... for now: missing, locked by its writer, I/O error (retried)
  +- OutputError        an output location cannot be written, or an output exists already
  +- BrokerError        the broker cannot be started or reached
  +- WorkerError        a worker process could not start or died
@@ -42,6 +43,10 @@ class DiscoveryError(RingflowError):
 
 class InputDataError(DiscoveryError):
     """A file exists but its content cannot be used."""
+
+
+class TransientInputError(InputDataError):
+    """A file cannot be read now but may be soon: worth retrying, unlike corrupt data."""
 
 
 class OutputError(RingflowError):

@@ -2,21 +2,29 @@
 
 Policy: acks_late with reject_on_worker_lost (set on the app) means a file whose process is
 killed is redelivered and redone from the start; its partial is rewritten atomically, so a
-redelivery gives the same partial. Every error is caught and returned as a status: a raising
+redelivery gives the same partial. A transient error (file missing or locked by its writer,
+I/O error, broker dropped) is retried with exponential backoff and jitter, up to
+``[queue] max_retries``; any other error is caught and returned as a status at once: a raising
 chord header would leave the scan's callback failed (Celery's ChordError) or hanging.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 import time
 import traceback
+from datetime import datetime, timezone
 
 import numpy as np
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import registry
 from .app import app
-from .errors import InputDataError, RingflowError
+from .errors import InputDataError, RingflowError, TransientInputError
 from .gpu import gpu_environment
 from .payloads import FileTask
 
@@ -28,15 +36,59 @@ def integrate_file(self, payload: dict) -> dict:
     task = FileTask.from_dict(payload)
     client = app.backend.client
     start = time.monotonic()
+    attempt = self.request.retries + 1
+    config = None
     try:
-        frames = _integrate(task, client)
+        config = task.config_obj()
+        frames = _integrate(task, config, client)
     except Exception as exc:
-        failure = _failure(task, exc) | _where(self.request)
-        registry.mark_failed(client, task.prefix, task.job_id, task.task_id, failure)
+        failure = _failure(task, exc) | _where(self.request) | {"attempts": attempt, "time": _now()}
+        queue = config.queue if config is not None else None
+        ttl = _ttl(config)
+        if queue is not None and is_transient(exc) and self.request.retries < queue.max_retries:
+            delay = backoff(self.request.retries, queue.retry_delay_s, queue.retry_delay_max_s)
+            with contextlib.suppress(RedisError):  # the broker itself may be what failed
+                registry.mark_retrying(
+                    client,
+                    task.prefix,
+                    task.job_id,
+                    task.task_id,
+                    failure | {"next_in_s": delay},
+                    ttl,
+                )
+            log.warning(
+                "%s: attempt %d failed, retry in %.1f s", failure["message"], attempt, delay
+            )
+            raise self.retry(countdown=delay, max_retries=queue.max_retries) from None
+        registry.mark_failed(client, task.prefix, task.job_id, task.task_id, failure, ttl)
         return {"status": "failed", "task_id": task.task_id, **failure}
-    info = {"file": task.path, "frames": frames, "seconds": round(time.monotonic() - start, 3)}
-    registry.mark_done(client, task.prefix, task.job_id, task.task_id, info | _where(self.request))
+    info = {
+        "file": task.path,
+        "frames": frames,
+        "seconds": round(time.monotonic() - start, 3),
+        "attempts": attempt,
+    }
+    where = _where(self.request)
+    registry.mark_done(client, task.prefix, task.job_id, task.task_id, info | where, _ttl(config))
     return {"status": "done", "task_id": task.task_id, "file": task.path, "frames": frames}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the file may be readable soon, or the broker back."""
+    return isinstance(exc, (TransientInputError, RedisConnectionError, RedisTimeoutError))
+
+
+def backoff(retries: int, base: float, cap: float) -> float:
+    """Exponential delay with jitter: spreads retries of files that failed together."""
+    return round(min(cap, base * 2**retries) * random.uniform(0.5, 1.0), 2)
+
+
+def _ttl(config) -> int:
+    return registry.JOB_TTL if config is None else config.queue.job_ttl_days * 86400
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _where(request) -> dict:
@@ -49,12 +101,12 @@ def _where(request) -> dict:
     }
 
 
-def _integrate(task: FileTask, client) -> int:
+def _integrate(task: FileTask, config, client) -> int:
     from .engine import engine_for  # pyFAI loads here, in the worker's child process
     from .partials import Partial, write_partial
     from .readers import iter_batches, open_frames
 
-    engine = engine_for(task.config_obj())
+    engine = engine_for(config)
     rows, sigmas, norms = [], [], []
     monitor = task.monitor
     with open_frames(task.path, task.dataset) as dset:

@@ -12,6 +12,7 @@ JOB_FAILED = "{prefix}:job:{job_id}:failed"
 JOB_MANIFEST = "{prefix}:job:{job_id}:manifest"
 JOB_SCANS = "{prefix}:job:{job_id}:scans"
 JOB_DONE = "{prefix}:job:{job_id}:done"
+JOB_RETRIES = "{prefix}:job:{job_id}:retries"
 JOBS = "{prefix}:jobs"
 WORKERS = "{prefix}:workers"
 MOVING = "{prefix}:moving"
@@ -52,6 +53,12 @@ def job_scans(prefix: str, job_id: str) -> str:
 def job_done(prefix: str, job_id: str) -> str:
     """Hash task_id -> JSON {file, frames, worker, queue, gpu, seconds} of finished files."""
     return JOB_DONE.format(prefix=prefix, job_id=job_id)
+
+
+def job_retries(prefix: str, job_id: str) -> str:
+    """Hash task_id -> JSON {attempts, error, message, worker, time, next_in_s} of files
+    waiting for an automatic retry after a transient error."""
+    return JOB_RETRIES.format(prefix=prefix, job_id=job_id)
 
 
 def jobs(prefix: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -9,9 +10,14 @@ import h5py
 import hdf5plugin  # noqa: F401  (bitshuffle/LZ4 and other HDF5 filters)
 import numpy as np
 
-from .errors import InputDataError
+from .errors import InputDataError, TransientInputError
 
 BATCH_BYTES = 256 * 2**20  # raw frame bytes held per batch: bounds an engine's memory
+# errnos of a file that is not there yet, still locked by its writer, or on a flaky mount
+TRANSIENT_ERRNOS = {
+    errno.ENOENT, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.EIO, errno.ESTALE,
+    errno.ETIMEDOUT,
+}  # fmt: skip
 
 
 @contextmanager
@@ -20,7 +26,7 @@ def open_frames(path: str, dataset: str) -> Iterator[h5py.Dataset]:
     try:
         h5 = h5py.File(path, "r")
     except OSError as exc:
-        raise InputDataError(path, f"cannot open as HDF5: {_reason(exc)}") from None
+        raise input_error(path, f"cannot open as HDF5: {_reason(exc)}", exc) from None
     with h5:
         dset = h5.get(dataset)
         if not isinstance(dset, h5py.Dataset):
@@ -50,10 +56,17 @@ def iter_batches(
         try:
             yield first, dset[first:last]
         except OSError as exc:
-            raise InputDataError(
+            raise input_error(
                 dset.file.filename,
                 f"frames {first}-{last - 1} of {dset.name} unreadable: {_reason(exc)}",
+                exc,
             ) from None
+
+
+def input_error(path: str, reason: str, exc: OSError) -> InputDataError:
+    """Transient when the OS says so (errno); HDF5 format errors carry none: corrupt data."""
+    transient = exc.errno in TRANSIENT_ERRNOS
+    return (TransientInputError if transient else InputDataError)(path, reason)
 
 
 def read_image(path: str, what: str) -> np.ndarray:

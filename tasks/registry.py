@@ -1,6 +1,7 @@
-"""Per-job progress and failures in Redis: counters and a failure hash, one pipeline per update.
+"""Per-job records in Redis: manifest, counters, done, retrying and failed files.
 
-Workers write, the client reads; keys expire with the job.
+Workers write, the client reads; one pipeline per update; every key expires with the job
+(``[queue] job_ttl_days``). With Redis persistence on (AOF), the records outlive a restart.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ class Progress:
 
 
 def register_job(
-    client, prefix: str, job_id: str, manifest: dict[str, dict], scans: dict[str, dict]
+    client,
+    prefix: str,
+    job_id: str,
+    manifest: dict[str, dict],
+    scans: dict[str, dict],
+    ttl: int = JOB_TTL,
 ) -> None:
     """Store every file task and scan of the job, in one pipeline, before any of them runs.
 
@@ -32,14 +38,14 @@ def register_job(
     pipe = client.pipeline()
     progress = keys.job_progress(prefix, job_id)
     pipe.hset(progress, mapping={"files_done": 0, "files_failed": 0, "frames_done": 0})
-    pipe.expire(progress, JOB_TTL)
+    pipe.expire(progress, ttl)
     for name, content in (
         (keys.job_manifest(prefix, job_id), manifest),
         (keys.job_scans(prefix, job_id), scans),
     ):
         if content:
             pipe.hset(name, mapping={k: json.dumps(v) for k, v in content.items()})
-            pipe.expire(name, JOB_TTL)
+            pipe.expire(name, ttl)
     pipe.zadd(keys.jobs(prefix), {job_id: time.time()})
     pipe.execute()
 
@@ -53,9 +59,12 @@ def add_frames(client, prefix: str, job_id: str, count: int) -> None:
     client.hincrby(keys.job_progress(prefix, job_id), "frames_done", count)
 
 
-def mark_done(client, prefix: str, job_id: str, task_id: str, info: dict) -> None:
+def mark_done(
+    client, prefix: str, job_id: str, task_id: str, info: dict, ttl: int = JOB_TTL
+) -> None:
     """Count a finished file and record where it ran (worker, queue, GPU) and how long."""
-    _record(client, prefix, job_id, "files_done", keys.job_done(prefix, job_id), task_id, info)
+    name = keys.job_done(prefix, job_id)
+    _record(client, prefix, job_id, "files_done", name, task_id, info, ttl)
 
 
 def read_done(client, prefix: str, job_id: str) -> dict[str, dict]:
@@ -63,17 +72,39 @@ def read_done(client, prefix: str, job_id: str) -> dict[str, dict]:
     return _read_json_hash(client, keys.job_done(prefix, job_id))
 
 
-def mark_failed(client, prefix: str, job_id: str, task_id: str, failure: dict) -> None:
+def mark_failed(
+    client, prefix: str, job_id: str, task_id: str, failure: dict, ttl: int = JOB_TTL
+) -> None:
+    """Count a file that failed for good (error, message, traceback tail, attempts, where)."""
     name = keys.job_failed(prefix, job_id)
-    _record(client, prefix, job_id, "files_failed", name, task_id, failure)
+    _record(client, prefix, job_id, "files_failed", name, task_id, failure, ttl)
 
 
-def _record(client, prefix: str, job_id: str, counter: str, name: str, task_id: str, info: dict):
-    """Bump ``counter`` and store ``info`` under ``task_id`` in hash ``name``: one pipeline."""
+def mark_retrying(
+    client, prefix: str, job_id: str, task_id: str, attempt: dict, ttl: int = JOB_TTL
+) -> None:
+    """Record a transient failure that an automatic retry will follow."""
+    name = keys.job_retries(prefix, job_id)
+    pipe = client.pipeline()
+    pipe.hset(name, task_id, json.dumps(attempt))
+    pipe.expire(name, ttl)
+    pipe.execute()
+
+
+def read_retries(client, prefix: str, job_id: str) -> dict[str, dict]:
+    """task_id -> the last transient failure of files retried automatically."""
+    return _read_json_hash(client, keys.job_retries(prefix, job_id))
+
+
+def _record(
+    client, prefix: str, job_id: str, counter: str, name: str, task_id: str, info: dict, ttl: int
+) -> None:
+    """Bump ``counter``, store ``info`` under ``task_id`` in hash ``name``, clear its retry."""
     pipe = client.pipeline()
     pipe.hincrby(keys.job_progress(prefix, job_id), counter, 1)
     pipe.hset(name, task_id, json.dumps(info))
-    pipe.expire(name, JOB_TTL)
+    pipe.expire(name, ttl)
+    pipe.hdel(keys.job_retries(prefix, job_id), task_id)
     pipe.execute()
 
 

@@ -37,6 +37,7 @@ class JobSummary:
     files_total: int
     files_done: int = 0
     files_failed: list[dict] = field(default_factory=list)
+    files_retried: dict[str, int] = field(default_factory=dict)  # file -> attempts it took
     frames: int = 0
     outputs: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -52,6 +53,7 @@ class JobSummary:
             "files_total": self.files_total,
             "files_done": self.files_done,
             "files_failed": self.files_failed,
+            "files_retried": self.files_retried,
             "frames": self.frames,
             "outputs": self.outputs,
             "skipped": self.skipped,
@@ -113,8 +115,13 @@ def summarise(summary: JobSummary, app, plan: JobPlan, outcomes: dict) -> None:
     summary.files_done = progress.files_done
     summary.frames = progress.frames_done
     summary.files_failed += [
-        {"file": f["file"], "message": f["message"]} for f in progress.failures.values()
+        {"file": f["file"], "message": f["message"], "attempts": f.get("attempts", 1)}
+        for f in progress.failures.values()
     ]
+    done = registry.read_done(app.backend.client, plan.config.queue.queue_prefix, plan.job_id)
+    summary.files_retried = {
+        info["file"]: info["attempts"] for info in done.values() if info.get("attempts", 1) > 1
+    }
     for scan, _ in plan.scans:
         outcome = outcomes.get(scan.scan_key)
         if isinstance(outcome, dict) and outcome.get("status") == "done":
