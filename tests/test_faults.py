@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from .conftest import edit_config, last_json, run_cli
+from .conftest import ROOT, edit_config, last_json, run_cli
 
 pytestmark = pytest.mark.service
 
@@ -107,3 +107,72 @@ def test_corrupt_file_fails_at_once_without_retries(small_demo, tmp_path):
     (failure,) = last_json(result.stdout)["files_failed"][:1]
     assert failure["file"] == str(victim) and failure["attempts"] == 1
     assert "truncated file" in failure["message"] and "Traceback" not in result.stderr
+
+
+def busy_worker_child(root_pid: int, queue: str, timeout: float = 120):
+    """A Celery pool process of the worker consuming ``queue`` while it integrates a file."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in psutil.Process(root_pid).children(recursive=True):
+            try:
+                if queue not in " ".join(proc.cmdline()) or "celery" not in proc.name() + "".join(
+                    proc.cmdline()
+                ):
+                    continue
+                for child in proc.children():
+                    if child.cpu_percent(interval=0.2) > 50:
+                        return child
+            except psutil.Error:
+                continue
+        time.sleep(0.1)
+    raise AssertionError(f"no busy worker child on {queue} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def long_files(tmp_path_factory):
+    """1 scan x 2 Lima files x 30 frames: a file takes seconds, long enough to kill mid-file."""
+    from tasks.demo import DemoSpec, write_demo
+
+    root = tmp_path_factory.mktemp("long")
+    demo = write_demo(DemoSpec(str(root), scans=1, files_per_scan=2, frames_per_file=30))
+    clean = edit_config(demo.config, {"output": {"location": str(root / "clean")}}, root / "c.ini")
+    result = run_cli("run", clean, "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (output,) = last_json(result.stdout)["outputs"]
+    return demo, output
+
+
+def test_sigkill_of_a_worker_child_mid_file_redoes_that_file(long_files, tmp_path):
+    demo, clean_output = long_files
+    config = edit_config(
+        demo.config, {"output": {"location": str(tmp_path / "out")}}, tmp_path / "k.ini"
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "run", str(config), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(ROOT),
+    )
+    try:
+        victim = busy_worker_child(run.pid, "ringflow.gpu0")
+        killed_at = time.monotonic()
+        victim.kill()
+        stdout, stderr = run.communicate(timeout=300)
+        recovered = time.monotonic() - killed_at
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, stderr[-3000:]
+    summary = last_json(stdout)
+    assert summary["files_done"] == 2 and summary["files_failed"] == []
+    (output,) = summary["outputs"]
+    with h5py.File(output) as a, h5py.File(clean_output) as b:
+        for name in ("intensity", "errors", "source_frame", "frame_index"):
+            left, right = a[f"1.1/integrated/{name}"][()], b[f"1.1/integrated/{name}"][()]
+            assert left.shape == right.shape and left.tobytes() == right.tobytes(), name
+    logs = "".join(p.read_text() for p in (tmp_path / "out").rglob("worker-gpu0-*.log"))
+    assert "WorkerLostError('Worker exited prematurely: signal 9 (SIGKILL)" in logs  # mid-task
+    print(f"worker child SIGKILLed mid-file: job finished {recovered:.1f} s later, 0 lost")
