@@ -10,6 +10,7 @@ from .enqueue_cmd import enqueue
 from .flower_cmd import flower
 from .run_cmd import run
 from .slurm_cmd import integrate_slurm
+from .status_cmd import status
 from .workers_cmd import app as workers
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app.command("demo")(demo)
 app.command("run")(run)
 app.command("integrate-slurm")(integrate_slurm)
 app.command("enqueue")(enqueue)
+app.command("status")(status)
 app.add_typer(workers, name="workers")
 app.command("flower")(flower)
 

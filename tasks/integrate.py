@@ -67,6 +67,7 @@ def integrate_file(self, payload: dict) -> dict:
         "frames": frames,
         "seconds": round(time.monotonic() - start, 3),
         "attempts": attempt,
+        "time_s": round(time.time(), 3),
     }
     where = _where(self.request)
     registry.mark_done(client, task.prefix, task.job_id, task.task_id, info | where, _ttl(config))

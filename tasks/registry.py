@@ -50,6 +50,11 @@ def register_job(
     pipe.execute()
 
 
+def read_manifest(client, prefix: str, job_id: str) -> dict[str, dict]:
+    """task_id -> file task payload (with its GPU slot), as registered."""
+    return _read_json_hash(client, keys.job_manifest(prefix, job_id))
+
+
 def read_scans(client, prefix: str, job_id: str) -> dict[str, dict]:
     """scan key -> {scan: payload, callback: task id}, as registered."""
     return _read_json_hash(client, keys.job_scans(prefix, job_id))

@@ -384,3 +384,50 @@ def _pings(redis, url: str) -> bool:
         return redis.Redis.from_url(url, socket_connect_timeout=2).ping()
     except redis.RedisError:
         return False
+
+
+def test_status_follows_a_job_with_a_failed_file(small_demo, tmp_path):
+    """Before workers: every file pending on stranded queues; after: per-scan states, the
+    failed file with its message and attempts, live workers, frames/s; exit 1 (incomplete)."""
+    url, prefix = redis_url(), unique_prefix("status")
+    raw = tmp_path / "RAW_DATA"
+    shutil.copytree(small_demo.dataset.rsplit("/RAW_DATA/", 1)[0] + "/RAW_DATA", raw)
+    master = next(raw.rglob("sample_0001.h5"))
+    victim = master.parent / "scan0002" / "pilatus_0000.h5"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    config = cluster_config(small_demo, tmp_path, prefix, dataset={"location": str(master)})
+    env = {"RINGFLOW_BROKER_URL": url}
+    queued = run_cli("enqueue", config, env=env)
+    assert queued.returncode == 0, queued.stderr[-2000:]
+    job_id = queued.stdout.strip().splitlines()[-1]
+
+    before = run_cli("status", config, "--json", env=env)
+    assert before.returncode == 0, before.stderr[-2000:]
+    state = last_json(before.stdout)
+    assert state["job_id"] == job_id and state["state"] == "running"
+    assert state["counts"] == {"files": 4, "done": 0, "failed": 0, "retrying": 0, "pending": 4}
+    assert state["stranded"] == [f"{prefix}.gpu0", f"{prefix}.gpu1"] and state["workers"] == []
+    assert url.split("@")[0].split(":")[-1] not in before.stdout + before.stderr  # no password
+
+    local = start_cli(["workers", "local", str(config), "--gpus", "0,1"], env, tmp_path / "local")
+    try:
+        after = run_cli("status", config, job_id, "--watch", "--json", env=env, timeout=180)
+    finally:
+        local.send_signal(2)
+        local.wait(60)
+    assert after.returncode == 1, after.stderr[-2000:]  # a scan is incomplete
+    final = last_json(after.stdout)
+    assert final["state"] == "incomplete" and final["stranded"] == []
+    assert final["counts"] == {"files": 4, "done": 3, "failed": 1, "retrying": 0, "pending": 0}
+    scans = {s["scan"].rsplit("::", 1)[-1]: s for s in final["scans"]}
+    assert scans["1.1"]["state"] == "written" and scans["1.1"]["frames"] == 8
+    assert scans["2.1"]["state"] == "incomplete" and scans["2.1"]["failed"] == 1
+    (failure,) = final["failed"]
+    assert failure["file"] == str(victim) and failure["attempts"] == 1
+    assert "truncated file" in failure["message"] and failure["worker"].startswith(prefix)
+    assert final["frames_done"] == 12 and final["frames_per_s"] > 0
+    assert {w["name"].split("-")[-2] for w in final["workers"]} >= {"gpu0", "gpu1"}
+
+    table = run_cli("status", config, job_id, env=env)
+    assert table.returncode == 1 and "Traceback" not in table.stderr
+    assert f"failed: {victim}" in table.stderr and "incomplete" in table.stderr
