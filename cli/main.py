@@ -8,6 +8,7 @@ from .config_cmd import config
 from .demo_cmd import demo
 from .enqueue_cmd import enqueue
 from .flower_cmd import flower
+from .requeue_cmd import requeue_cmd
 from .run_cmd import run
 from .slurm_cmd import integrate_slurm
 from .status_cmd import status
@@ -26,6 +27,7 @@ app.command("run")(run)
 app.command("integrate-slurm")(integrate_slurm)
 app.command("enqueue")(enqueue)
 app.command("status")(status)
+app.command("requeue")(requeue_cmd)
 app.add_typer(workers, name="workers")
 app.command("flower")(flower)
 

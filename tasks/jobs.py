@@ -191,11 +191,11 @@ def submit(app, plan: JobPlan, slots: list[int] | None = None) -> dict[str, str]
             queue=keys.assemble_queue(prefix), task_id=callbacks[scan.scan_key]
         )
         chord(header)(body)
-    _stop_result_subscriptions(app)
+    stop_result_subscriptions(app)
     return callbacks
 
 
-def _stop_result_subscriptions(app) -> None:
+def stop_result_subscriptions(app) -> None:
     """The client polls task metadata; it needs no pub/sub channel per sent task.
 
     Sending subscribes one channel per task; AsyncResult.__del__ later unsubscribes, which

@@ -101,6 +101,20 @@ def read_retries(client, prefix: str, job_id: str) -> dict[str, dict]:
     return _read_json_hash(client, keys.job_retries(prefix, job_id))
 
 
+def reopen(client, prefix: str, job_id: str, task_ids: list[str], scans: dict[str, dict]) -> None:
+    """Failed files about to be requeued: out of the failed record (one pipeline), with
+    their scans' new callback ids, so status counts them pending again."""
+    pipe = client.pipeline()
+    pipe.hdel(keys.job_failed(prefix, job_id), *task_ids)
+    pipe.hdel(keys.job_retries(prefix, job_id), *task_ids)
+    pipe.hincrby(keys.job_progress(prefix, job_id), "files_failed", -len(task_ids))
+    if scans:
+        pipe.hset(
+            keys.job_scans(prefix, job_id), mapping={k: json.dumps(v) for k, v in scans.items()}
+        )
+    pipe.execute()
+
+
 def _record(
     client, prefix: str, job_id: str, counter: str, name: str, task_id: str, info: dict, ttl: int
 ) -> None:

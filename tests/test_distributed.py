@@ -431,3 +431,49 @@ def test_status_follows_a_job_with_a_failed_file(small_demo, tmp_path):
     table = run_cli("status", config, job_id, env=env)
     assert table.returncode == 1 and "Traceback" not in table.stderr
     assert f"failed: {victim}" in table.stderr and "incomplete" in table.stderr
+
+
+def test_requeue_failed_file_after_fixing_it(small_demo, tmp_path, reference):
+    """A truncated Lima file fails its scan; once replaced, `requeue --failed` redoes only that
+    file, assembles the scan from the kept partials, and the outputs equal the reference.
+    Requeueing again sends nothing and changes nothing."""
+    url, prefix = redis_url(), unique_prefix("requeue")
+    raw = tmp_path / "RAW_DATA"
+    shutil.copytree(small_demo.dataset.rsplit("/RAW_DATA/", 1)[0] + "/RAW_DATA", raw)
+    master = next(raw.rglob("sample_0001.h5"))
+    victim = master.parent / "scan0002" / "pilatus_0001.h5"
+    good = victim.read_bytes()
+    victim.write_bytes(good[: len(good) // 2])
+    config = cluster_config(small_demo, tmp_path, prefix, dataset={"location": str(master)})
+    env = {"RINGFLOW_BROKER_URL": url}
+    local = start_cli(["workers", "local", str(config), "--gpus", "0,1"], env, tmp_path / "local")
+    try:
+        queued = run_cli("enqueue", config, env=env)
+        assert queued.returncode == 0, queued.stderr[-2000:]
+        job_id = queued.stdout.strip().splitlines()[-1]
+        first = run_cli("status", config, job_id, "--watch", "--json", env=env, timeout=180)
+        assert first.returncode == 1 and last_json(first.stdout)["counts"]["failed"] == 1
+        assert not list((tmp_path / "out").rglob("*scan0002*.h5"))
+
+        victim.write_bytes(good)  # the detector's file, complete this time
+        started = time.monotonic()
+        again = run_cli("requeue", config, job_id, "--failed", env=env)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert f"requeued: {victim}" in again.stderr and "1 file(s) requeued" in again.stderr
+        final = run_cli("status", config, job_id, "--watch", "--json", env=env, timeout=180)
+        recovery = time.monotonic() - started
+        assert final.returncode == 0, final.stderr[-2000:]
+        state = last_json(final.stdout)
+        assert state["state"] == "done" and state["failed"] == []
+        assert state["counts"] == {"files": 4, "done": 4, "failed": 0, "retrying": 0, "pending": 0}
+
+        twice = run_cli("requeue", config, job_id, "--failed", env=env)
+        assert twice.returncode == 0 and "0 file(s) requeued" in twice.stderr
+        time.sleep(2)
+    finally:
+        local.send_signal(2)
+        local.wait(60)
+    outputs = sorted(str(p) for p in (tmp_path / "out").rglob("azint_*.h5"))
+    assert len(outputs) == 2  # one file per scan, rows neither lost nor duplicated
+    assert_same_as_reference(outputs, reference)
+    print(f"requeue --failed: scan written {recovery:.1f} s after the requeue, 0 lost")

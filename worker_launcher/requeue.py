@@ -1,0 +1,123 @@
+"""Re-enqueueing a job's failed or chosen files; the scans they complete are assembled again.
+
+Files already done keep their partial results and are never redone: each affected scan gets
+a new chord whose header holds only the requeued files and whose body assembles the whole
+scan from all its partials. The requeued files leave the failed record before they are sent,
+so asking twice requeues nothing the second time.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from celery import chord
+
+from tasks import keys, registry
+from tasks.config import Config
+from tasks.errors import RingflowError
+from tasks.jobs import assign_slots, stop_result_subscriptions
+from tasks.payloads import FileTask
+from tasks.queues import move_pending, pending_files
+
+from .distributed import target_slots
+from .nodes import live_nodes
+
+
+@dataclass(frozen=True)
+class Selection:
+    failed: bool = False
+    files: tuple[str, ...] = ()
+    scans: tuple[str, ...] = ()  # scan keys, or their 'master name::entry' / entry suffix
+    stranded: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not (self.failed or self.files or self.scans or self.stranded)
+
+
+@dataclass
+class RequeueResult:
+    files: list[str] = field(default_factory=list)  # requeued file paths
+    scans: list[str] = field(default_factory=list)  # scans that will be assembled again
+    skipped: list[str] = field(default_factory=list)  # 'path: reason' for selected files left
+    moved: int = 0  # stranded messages moved to live queues
+
+
+def requeue(app, config: Config, job_id: str, selection: Selection) -> RequeueResult:
+    if selection.empty:
+        raise RingflowError("nothing selected: give --failed, --file, --scan or --stranded")
+    client, prefix = app.backend.client, config.queue.queue_prefix
+    manifest = registry.read_manifest(client, prefix, job_id)
+    if not manifest:
+        raise RingflowError(f"job {job_id}: unknown on this broker, or its records expired")
+    result = RequeueResult()
+    nodes = live_nodes(app, prefix)
+    if selection.stranded:
+        result.moved = _move_stranded(client, prefix, nodes)
+    done = registry.read_done(client, prefix, job_id)
+    failed = registry.read_progress(client, prefix, job_id).failures
+    chosen = []
+    for task_id, task in manifest.items():
+        if not _selected(task, task_id in failed, selection):
+            continue
+        if task_id in done:
+            result.skipped.append(f"{task['path']}: already done, its partial is reused")
+        elif task_id not in failed:
+            result.skipped.append(f"{task['path']}: still queued or running")
+        else:
+            chosen.append(task_id)
+    if chosen:
+        result.scans = _send(app, config, job_id, manifest, chosen, target_slots(config, nodes))
+        result.files = [manifest[t]["path"] for t in chosen]
+    return result
+
+
+def _selected(task: dict, is_failed: bool, selection: Selection) -> bool:
+    scan = task["scan_key"]
+    by_scan = any(scan == s or scan.endswith(s) for s in selection.scans)
+    return (selection.failed and is_failed) or task["path"] in selection.files or by_scan
+
+
+def _send(app, config: Config, job_id: str, manifest: dict, chosen: list[str], slots) -> list:
+    """One chord per affected scan: the chosen files, then the whole scan's assembly."""
+    client, prefix = app.backend.client, config.queue.queue_prefix
+    scans = registry.read_scans(client, prefix, job_id)
+    files = [FileTask.from_dict(manifest[t]) for t in chosen]
+    placement = assign_slots(files, slots)
+    by_scan: dict[str, list[FileTask]] = {}
+    for task in files:
+        by_scan.setdefault(task.scan_key, []).append(task)
+    callbacks = {
+        scan: f"{job_id}-assemble-{uuid.uuid4().hex[:8]}" for scan in by_scan if scan in scans
+    }
+    reopened = {s: scans[s] | {"callback": c} for s, c in callbacks.items()}
+    registry.reopen(client, prefix, job_id, chosen, reopened)
+    app.loader.import_default_modules()
+    integrate_file = app.tasks["ringflow.integrate_file"]
+    assemble_scan = app.tasks["ringflow.assemble_scan"]
+    for scan, tasks in by_scan.items():
+        header = [
+            integrate_file.s(t.to_dict()).set(
+                queue=keys.gpu_queue(prefix, placement[t.task_id]), task_id=t.task_id
+            )
+            for t in tasks
+        ]
+        body = assemble_scan.s(scans[scan]["scan"]).set(
+            queue=keys.assemble_queue(prefix), task_id=callbacks[scan]
+        )
+        chord(header)(body)
+    stop_result_subscriptions(app)
+    return sorted(by_scan)
+
+
+def _move_stranded(client, prefix: str, nodes) -> int:
+    """Files waiting on GPU queues that no live worker consumes go to the live ones."""
+    live = sorted({q for n in nodes for q in n.queues if q.startswith(f"{prefix}.gpu")})
+    if not live:
+        raise RingflowError("--stranded: no live GPU worker to move files to; start workers")
+    moved = 0
+    for queue in pending_files(client, prefix):
+        if queue not in live:
+            moved += move_pending(client, prefix, queue, live)
+    return moved
