@@ -9,13 +9,14 @@ with the same chunks, to a fresh file:
   (b) ringflow's ChunkWriter with identical filters (zlib level 1), on the pool's threads;
   (c) the same with ISA-L's DEFLATE (same format, faster encoder).
 
-Throughput is input MB/s, file open to close. Variants run interleaved, ``--repeat`` times,
-best time kept; ratios are against (a) of the same run. The process is pinned to ``--cores``
+Throughput is input MB/s, file open to close, median over rounds. Each round runs every
+variant back to back (``--repeat`` rounds); a variant's ratio is the median over rounds of
+(a)'s time over its time in the same round. The process is pinned to ``--cores``
 CPUs (2 by default), so "on 2 cores" holds on any machine. Frames cycle through a pool of 16
 distinct ones: each chunk is compressed on its own, so this costs nothing in realism.
 
     python benchmarks/writer.py              # full: 200 frames
-    python benchmarks/writer.py --short      # CI: 24 frames, best of 3
+    python benchmarks/writer.py --short      # CI: 24 frames, 7 rounds
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -59,6 +61,7 @@ class Data:
 
     def rows(self, pool: np.ndarray, step: int = 1) -> Iterator[np.ndarray]:
         for start in range(0, self.n, step):
+            # a fresh array per slab, as a producer hands over new frames (same cost to all)
             yield np.stack([pool[i % POOL] for i in range(start, min(start + step, self.n))])
 
 
@@ -221,14 +224,15 @@ def run(args) -> dict:
     variants = dict(VARIANTS)
     if args.all:
         variants |= {k: (label, pool_writer(f), None) for k, (label, f) in EXTRA.items()}
-    best: dict[str, float] = {}
+    times: dict[str, list[float]] = {key: [] for key in variants}
     sizes: dict[str, int] = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         for _ in range(args.repeat):
             for key, (_, write, fixed) in variants.items():
                 path = f"{folder}/{key}.h5"
                 seconds = timed(write, path, data, fixed or threads)
-                best[key] = min(best.get(key, seconds), seconds)
+                times[key].append(seconds)
+                os.sync()  # untimed: write-back of this file must not run during the next one
                 sizes[key] = os.path.getsize(path)
         problems = verify(folder, data)
         memory = peak_memory(data, threads, folder)
@@ -238,9 +242,13 @@ def run(args) -> dict:
             "variant": key,
             "what": label,
             "threads": fixed or threads,
-            "seconds": round(best[key], 3),
-            "mb_per_s": round(mb / best[key], 1),
-            "vs_a": round(best["a"] / best[key], 2),
+            "seconds": round(statistics.median(times[key]), 3),
+            "mb_per_s": round(mb / statistics.median(times[key]), 1),
+            # the median of per-round ratios: each round runs every variant back to back, so
+            # a ratio compares runs seconds apart, and one lucky or unlucky run cannot decide
+            "vs_a": round(
+                statistics.median(a / t for a, t in zip(times["a"], times[key], strict=True)), 2
+            ),
             "compression_ratio": round(data.nbytes() / sizes[key], 2),
         }
         for key, (label, _, fixed) in variants.items()
@@ -264,7 +272,7 @@ def print_report(report: dict) -> None:
     print(
         f"ringflow writer benchmark: {report['frames']} Pilatus-1M corrected frames + uint8 "
         f"masks + {SLICES}x{NPT} cakes = {report['input_mb']} MB, on cores {report['cores']}, "
-        f"best of {report['repeat']}"
+        f"median of {report['repeat']} rounds"
     )
     print(f"| {'variant':60s} | threads | MB/s   | vs (a) | size ratio |")
     print(f"|{'-' * 62}|---------|--------|--------|------------|")
@@ -290,16 +298,16 @@ def print_report(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=200, help="frames per dataset")
-    parser.add_argument("--short", action="store_true", help="CI mode: 24 frames, best of 3")
+    parser.add_argument("--short", action="store_true", help="CI mode: 24 frames, 7 rounds")
     parser.add_argument("--cores", type=int, default=2, help="CPUs to pin the process to")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per variant (best kept)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every variant (medians)")
     parser.add_argument("--all", action="store_true", help="also zstd, bitshuffle-LZ4, blosc")
     parser.add_argument("--no-check", action="store_true", help="exit 0 even if targets fail")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--dir", default=None, help="folder for the files (default: $TMPDIR)")
     args = parser.parse_args(argv)
     if args.short:
-        args.frames, args.repeat = 24, max(args.repeat, 3)
+        args.frames, args.repeat = 24, max(args.repeat, 7)
     report = run(args)
     if args.json:
         print(json.dumps(report))

@@ -163,7 +163,7 @@ def chunk_encoder(
                 if not optional:
                     raise
                 mask |= 1 << index
-        return bytes(_as_bytes(data)), mask
+        return (data if isinstance(data, bytes) else bytes(_as_bytes(data))), mask
 
     return encode
 
@@ -246,8 +246,8 @@ def _blosc(data, clevel: int, shuffle: int, cname: str, dtype: np.dtype) -> byte
 
 
 def _append_fletcher32(data) -> bytes:
-    raw = bytes(_as_bytes(data))
-    return raw + struct.pack("<I", fletcher32(raw))
+    raw = _as_bytes(data)
+    return b"".join((raw, struct.pack("<I", fletcher32(raw))))  # one copy
 
 
 # --- fletcher32, vectorised --------------------------------------------------------------------
