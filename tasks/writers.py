@@ -7,6 +7,7 @@ a final name never holds a half-written file.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -39,10 +40,19 @@ def atomic_h5(path: str, dir_mode: int = 0o755) -> Iterator[h5py.File]:
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)
-        raise OutputError(path, f"cannot be written: {exc.strerror or exc}") from None
+        raise OutputError(path, f"cannot be written: {os_reason(exc)}") from None
     except BaseException:
         _remove(tmp)
         raise
+
+
+def os_reason(exc: OSError) -> str:
+    """The operating system's words for ``exc``: HDF5 buries them ("No space left on device")
+    deep in a multi-line message, after a timestamp."""
+    found = re.search(r"error message = '([^']+)'", str(exc))
+    if found:
+        return found.group(1)
+    return (exc.strerror or str(exc)).splitlines()[0]
 
 
 def make_dirs(folder: str, mode: int = 0o755) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from .conftest import ROOT, edit_config, last_json, run_cli
+from .services import unavailable
 
 pytestmark = pytest.mark.service
 
@@ -176,3 +177,51 @@ def test_sigkill_of_a_worker_child_mid_file_redoes_that_file(long_files, tmp_pat
     logs = "".join(p.read_text() for p in (tmp_path / "out").rglob("worker-gpu0-*.log"))
     assert "WorkerLostError('Worker exited prematurely: signal 9 (SIGKILL)" in logs  # mid-task
     print(f"worker child SIGKILLed mid-file: job finished {recovered:.1f} s later, 0 lost")
+
+
+def mount_tmpfs(folder, options: str) -> None:
+    """A small file system of our own for the output folder (root only, as in CI)."""
+    import os
+
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        unavailable("mounting a tmpfs needs root and mount(8)")
+    folder.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True)
+
+
+def test_full_then_read_only_output_folder_then_rerun(small_demo, tmp_path):
+    """No space, then a read-only folder: a clear error each time and no half-written file;
+    once the folder is fixed, a rerun writes both scans."""
+    out = tmp_path / "out"
+    mount_tmpfs(out, "size=300k")  # too small for the corrected frames of a scan
+    try:
+        config = edit_config(
+            small_demo.config,
+            {
+                "output": {"location": str(out), "save_corrected": "1"},
+                "computations distribution": {"workspace_path": str(tmp_path / "ws")},
+            },
+            tmp_path / "full.ini",
+        )
+        full = run_cli("run", config)
+        assert full.returncode == 1 and "Traceback" not in full.stderr
+        assert full.stderr.count("cannot be written: No space left on device") == 2, full.stderr
+        assert not [p for p in out.rglob("*") if p.is_file()]  # nothing half-written
+
+        subprocess.run(["mount", "-o", "remount,ro,size=64m", str(out)], check=True)
+        read_only = run_cli("run", config)
+        assert read_only.returncode == 2 and "Traceback" not in read_only.stderr  # before any work
+        assert f"{out}/sample/sample_0001: folder is not writable" in read_only.stderr
+
+        subprocess.run(["mount", "-o", "remount,rw,size=64m", str(out)], check=True)
+        rerun = run_cli("run", config, "--json")
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        outputs = last_json(rerun.stdout)["outputs"]
+        assert len(outputs) == 2
+        for path in outputs:
+            with h5py.File(path) as h5:
+                entry = h5[next(iter(h5))]
+                assert entry["corrected/data"].shape[0] == entry["integrated/intensity"].shape[0]
+        assert not list(out.rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(out)], check=False)
