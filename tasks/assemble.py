@@ -18,7 +18,7 @@ import numpy as np
 
 from .app import app
 from .config import Config
-from .errors import InputDataError, RingflowError
+from .errors import RingflowError
 from .partials import PartialHeader, iter_rows, read_block, read_header
 from .payloads import ScanTask
 from .readers import batch_size, iter_batches, open_frames
@@ -168,12 +168,7 @@ def _corrected_slabs(corrector, head: PartialHeader, batch: int):
     start, count = int(head.source_frame[0]), len(head.source_frame)
     if not head.source_dataset:
         raise RingflowError(f"{head.path}: partial from an older ringflow; requeue its file")
-    with open_frames(head.source_file, head.source_dataset) as dset:
-        if tuple(dset.shape[1:]) != corrector.shape:
-            raise InputDataError(
-                head.source_file,
-                f"frames are {tuple(dset.shape[1:])}, the detector is {corrector.shape}",
-            )
+    with open_frames(head.source_file, head.source_dataset, corrector.shape) as dset:
         for first, frames in iter_batches(dset, start, count, size=batch):
             corrected = np.empty(frames.shape, dtype=np.float32)
             flags = np.empty(frames.shape, dtype=np.uint8)

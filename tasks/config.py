@@ -585,6 +585,10 @@ class QueueConfig:
         7,
     )
 
+    @property
+    def job_ttl_s(self) -> int:
+        return self.job_ttl_days * 86400
+
 
 @dataclass(frozen=True)
 class MonitoringConfig:

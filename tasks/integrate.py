@@ -85,7 +85,7 @@ def backoff(retries: int, base: float, cap: float) -> float:
 
 
 def _ttl(config) -> int:
-    return registry.JOB_TTL if config is None else config.queue.job_ttl_days * 86400
+    return registry.JOB_TTL if config is None else config.queue.job_ttl_s
 
 
 def _now() -> str:
@@ -110,11 +110,7 @@ def _integrate(task: FileTask, config, client) -> int:
     engine = engine_for(config)
     rows, sigmas, norms = [], [], []
     monitor = task.monitor
-    with open_frames(task.path, task.dataset) as dset:
-        if tuple(dset.shape[1:]) != engine.shape:
-            raise InputDataError(
-                task.path, f"frames are {tuple(dset.shape[1:])}, the detector is {engine.shape}"
-            )
+    with open_frames(task.path, task.dataset, engine.shape) as dset:
         for first, batch in iter_batches(dset, task.src_start, task.n_frames):
             for offset, frame in enumerate(batch):
                 row = first - task.src_start + offset

@@ -175,8 +175,9 @@ def submit(app, plan: JobPlan, slots: list[int] | None = None) -> dict[str, str]
         scan.scan_key: {"scan": scan.to_dict(), "callback": callbacks[scan.scan_key]}
         for scan, _ in plan.scans
     }
-    ttl = plan.config.queue.job_ttl_days * 86400
-    registry.register_job(app.backend.client, prefix, plan.job_id, manifest, scans, ttl)
+    registry.register_job(
+        app.backend.client, prefix, plan.job_id, manifest, scans, plan.config.queue.job_ttl_s
+    )
     app.loader.import_default_modules()  # registers the tasks named in app's include
     integrate_file = app.tasks["ringflow.integrate_file"]
     assemble_scan = app.tasks["ringflow.assemble_scan"]

@@ -21,8 +21,10 @@ TRANSIENT_ERRNOS = {
 
 
 @contextmanager
-def open_frames(path: str, dataset: str) -> Iterator[h5py.Dataset]:
-    """The frames dataset of a Lima file, checked to be a 3D stack."""
+def open_frames(
+    path: str, dataset: str, frame_shape: tuple[int, ...] | None = None
+) -> Iterator[h5py.Dataset]:
+    """The frames dataset of a Lima file, checked to be a 3D stack of ``frame_shape`` frames."""
     try:
         h5 = h5py.File(path, "r")
     except OSError as exc:
@@ -33,6 +35,10 @@ def open_frames(path: str, dataset: str) -> Iterator[h5py.Dataset]:
             raise InputDataError(path, f"dataset {dataset} not found")
         if dset.ndim != 3:
             raise InputDataError(path, f"{dataset} has shape {dset.shape}, expected 3D frames")
+        if frame_shape is not None and tuple(dset.shape[1:]) != tuple(frame_shape):
+            raise InputDataError(
+                path, f"frames are {tuple(dset.shape[1:])}, the detector is {tuple(frame_shape)}"
+            )
         yield dset
 
 
