@@ -128,7 +128,7 @@ def _record(
 
 
 def _read_json_hash(client, name: str) -> dict[str, dict]:
-    return {_str(k): json.loads(v) for k, v in client.hgetall(name).items()}
+    return {text(k): json.loads(v) for k, v in client.hgetall(name).items()}
 
 
 def read_progress(client, prefix: str, job_id: str) -> Progress:
@@ -136,14 +136,15 @@ def read_progress(client, prefix: str, job_id: str) -> Progress:
     pipe.hgetall(keys.job_progress(prefix, job_id))
     pipe.hgetall(keys.job_failed(prefix, job_id))
     counters, failed = pipe.execute()
-    counters = {_str(k): int(v) for k, v in counters.items()}
+    counters = {text(k): int(v) for k, v in counters.items()}
     return Progress(
         files_done=counters.get("files_done", 0),
         files_failed=counters.get("files_failed", 0),
         frames_done=counters.get("frames_done", 0),
-        failures={_str(k): json.loads(v) for k, v in failed.items()},
+        failures={text(k): json.loads(v) for k, v in failed.items()},
     )
 
 
-def _str(value) -> str:
+def text(value) -> str:
+    """A Redis reply (bytes or str) as str."""
     return value.decode() if isinstance(value, bytes) else str(value)

@@ -170,8 +170,13 @@ def job_outcomes(app, prefix: str, job_id: str) -> dict[str, dict | None]:
     """scan key -> its callback's result, None while the scan is not assembled yet."""
     from tasks.registry import read_scans
 
+    return scan_outcomes(app, read_scans(app.backend.client, prefix, job_id))
+
+
+def scan_outcomes(app, scans: dict[str, dict]) -> dict[str, dict | None]:
+    """Same, for scans already read from the registry."""
     outcomes = {}
-    for key, entry in read_scans(app.backend.client, prefix, job_id).items():
+    for key, entry in scans.items():
         meta = app.backend.get_task_meta(entry["callback"])
         outcomes[key] = meta["result"] if meta["status"] in ("SUCCESS", "FAILURE") else None
     return outcomes

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from tasks import keys
 from tasks.queues import gpu_slot
+from tasks.registry import text
 
 INSPECT_TIMEOUT = 1.0
 
@@ -36,7 +37,7 @@ def live_nodes(app, prefix: str, timeout: float = INSPECT_TIMEOUT) -> list[Node]
     replies = app.control.inspect(timeout=timeout).active_queues() or {}
     ours = re.compile(re.escape(prefix) + r"\.(gpu\d+|assemble)")
     records = app.backend.client.hgetall(keys.workers(prefix))
-    info = {_str(k): json.loads(v) for k, v in records.items()}
+    info = {text(k): json.loads(v) for k, v in records.items()}
     nodes = []
     for name, queues in sorted(replies.items()):
         names = tuple(sorted(q["name"] for q in queues))
@@ -49,10 +50,6 @@ def forget_dead(app, prefix: str, alive: list[Node]) -> None:
     """Drop the records of workers that no longer answer (killed before unregistering)."""
     client = app.backend.client
     names = {n.name for n in alive}
-    stale = [k for k in client.hkeys(keys.workers(prefix)) if _str(k) not in names]
+    stale = [k for k in client.hkeys(keys.workers(prefix)) if text(k) not in names]
     if stale:
         client.hdel(keys.workers(prefix), *stale)
-
-
-def _str(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

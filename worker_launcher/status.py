@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, field
 from tasks import keys, registry
 from tasks.errors import RingflowError
 from tasks.queues import pending_files
+from tasks.registry import text
 
-from .distributed import job_outcomes
+from .distributed import scan_outcomes
 from .nodes import live_nodes
 
 
@@ -59,7 +60,7 @@ def latest_job(client, prefix: str) -> str:
     newest = client.zrevrange(keys.jobs(prefix), 0, 0)
     if not newest:
         raise RingflowError(f"no job recorded for queue_prefix {prefix!r} on this broker")
-    return _str(newest[0])
+    return text(newest[0])
 
 
 def job_status(app, prefix: str, job_id: str) -> JobStatus:
@@ -71,8 +72,9 @@ def job_status(app, prefix: str, job_id: str) -> JobStatus:
     done = registry.read_done(client, prefix, job_id)
     progress = registry.read_progress(client, prefix, job_id)
     retries = registry.read_retries(client, prefix, job_id)
-    scans = _scan_rows(registry.read_scans(client, prefix, job_id), files, done, progress, retries)
-    for scan, outcome in job_outcomes(app, prefix, job_id).items():
+    registered = registry.read_scans(client, prefix, job_id)
+    scans = _scan_rows(registered, files, done, progress, retries)
+    for scan, outcome in scan_outcomes(app, registered).items():
         _apply_outcome(scans[scan], outcome)
     nodes = live_nodes(app, prefix)
     queued = pending_files(client, prefix)
@@ -145,7 +147,3 @@ def _rate(status: JobStatus, done: dict) -> float:
     end = time.time() if status.counts["pending"] or not times else max(times)
     elapsed = max(end - status.submitted, 1e-3)
     return round(status.frames_done / elapsed, 1)
-
-
-def _str(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
