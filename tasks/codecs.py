@@ -12,6 +12,7 @@ except bitshuffle, which is already multi-threaded with OpenMP.
 
 from __future__ import annotations
 
+import importlib
 import struct
 import zlib
 from collections.abc import Callable
@@ -103,16 +104,16 @@ def check_codec(codec: str, level: int | None) -> None:
 
 
 def has_isal() -> bool:
-    try:
-        from isal import isal_zlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _importable("isal.isal_zlib")
 
 
 def has_bitshuffle() -> bool:
+    return _importable("bitshuffle")
+
+
+def _importable(module: str) -> bool:
     try:
-        import bitshuffle  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
@@ -136,10 +137,15 @@ class Incompressible(Exception):
     """An optional filter declines a chunk: HDF5 then stores it without that filter."""
 
 
+def recorded_filters(dset: h5py.Dataset) -> list[tuple[int, int, tuple[int, ...]]]:
+    """(filter id, flags, client values) of ``dset``, in the order HDF5 applies them."""
+    plist = dset.id.get_create_plist()
+    return [plist.get_filter(i)[:3] for i in range(plist.get_nfilters())]
+
+
 def pipeline(dset: h5py.Dataset) -> list[tuple[int, tuple[int, ...]]]:
     """(filter id, client values) of ``dset``, in the order HDF5 applies them on write."""
-    plist = dset.id.get_create_plist()
-    return [tuple(plist.get_filter(i)[::2]) for i in range(plist.get_nfilters())]
+    return [(fid, values) for fid, _, values in recorded_filters(dset)]
 
 
 def chunk_encoder(
@@ -147,11 +153,10 @@ def chunk_encoder(
 ) -> Callable[[np.ndarray], tuple[bytes, int]]:
     """A function mapping one full chunk (C-contiguous, dataset dtype) to its stored bytes
     and filter mask: bit k set when optional filter k declined the chunk, as HDF5 does."""
-    plist = dset.id.get_create_plist()
-    steps = []
-    for index in range(plist.get_nfilters()):
-        fid, flags, values, _ = plist.get_filter(index)
-        steps.append((_step(fid, values, dset.dtype, deflate), bool(flags & FLAG_OPTIONAL)))
+    steps = [
+        (_step(fid, values, dset.dtype, deflate), bool(flags & FLAG_OPTIONAL))
+        for fid, flags, values in recorded_filters(dset)
+    ]
 
     def encode(chunk: np.ndarray) -> tuple[bytes, int]:
         data: np.ndarray | bytes = chunk

@@ -7,6 +7,7 @@ read back in slabs. The scan's final file is compressed once, by the assembly ta
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import h5py
@@ -62,45 +63,46 @@ def write_partial(path: str, part: Partial) -> None:
         h5.attrs["source_dataset"] = part.source_dataset
 
 
-def read_header(path: str) -> PartialHeader:
+@contextmanager
+def _opened(path: str) -> Iterator[h5py.File]:
+    """A partial open for reading; any failure to read it names the file."""
     try:
         with h5py.File(path, "r") as h5:
-            rows = h5["intensity"]
-            return PartialHeader(
-                path=path,
-                shape=rows.shape,
-                dtype=rows.dtype,
-                has_sigma="sigma" in h5,
-                radial=h5["radial"][()],
-                azimuthal=h5["azimuthal"][()] if "azimuthal" in h5 else None,
-                source_file=str(h5.attrs["source_file"]),
-                source_dataset=str(h5.attrs.get("source_dataset", "")),  # older partials
-                source_frame=h5["source_frame"][()],
-                normalization=(
-                    h5["normalization"][()] if "normalization" in h5 else np.ones(rows.shape[0])
-                ),
-            )
+            yield h5
     except (OSError, KeyError) as exc:
         raise OutputError(path, f"partial result unreadable: {exc}") from None
+
+
+def read_header(path: str) -> PartialHeader:
+    with _opened(path) as h5:
+        rows = h5["intensity"]
+        return PartialHeader(
+            path=path,
+            shape=rows.shape,
+            dtype=rows.dtype,
+            has_sigma="sigma" in h5,
+            radial=h5["radial"][()],
+            azimuthal=h5["azimuthal"][()] if "azimuthal" in h5 else None,
+            source_file=str(h5.attrs["source_file"]),
+            source_dataset=str(h5.attrs.get("source_dataset", "")),  # older partials
+            source_frame=h5["source_frame"][()],
+            normalization=(
+                h5["normalization"][()] if "normalization" in h5 else np.ones(rows.shape[0])
+            ),
+        )
 
 
 def iter_rows(path: str, name: str, budget: int = SLAB_BYTES) -> Iterator[np.ndarray]:
     """Dataset ``name`` of a partial, in slabs of at most ``budget`` bytes, in order."""
-    try:
-        with h5py.File(path, "r") as h5:
-            dset = h5[name]
-            row_bytes = max(1, dset.dtype.itemsize * int(np.prod(dset.shape[1:])))
-            step = max(1, budget // row_bytes)
-            for start in range(0, dset.shape[0], step):
-                yield dset[start : start + step]
-    except (OSError, KeyError) as exc:
-        raise OutputError(path, f"partial result unreadable: {exc}") from None
+    with _opened(path) as h5:
+        dset = h5[name]
+        row_bytes = max(1, dset.dtype.itemsize * int(np.prod(dset.shape[1:])))
+        step = max(1, budget // row_bytes)
+        for start in range(0, dset.shape[0], step):
+            yield dset[start : start + step]
 
 
 def read_block(path: str, name: str, where: tuple[slice, ...]) -> np.ndarray:
     """Every row of ``name``, restricted to ``where`` along its other axes."""
-    try:
-        with h5py.File(path, "r") as h5:
-            return h5[name][(slice(None), *where)]
-    except (OSError, KeyError) as exc:
-        raise OutputError(path, f"partial result unreadable: {exc}") from None
+    with _opened(path) as h5:
+        return h5[name][(slice(None), *where)]
