@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,13 @@ def edit_config(path: str | Path, changes: dict[str, dict[str, str]], out: str |
     with open(out, "w") as fh:
         parser.write(fh)
     return Path(out)
+
+
+def copy_dataset(demo, folder: Path) -> Path:
+    """A private copy of a demo's RAW_DATA under ``folder``, to damage; its master file."""
+    raw = folder / "RAW_DATA"
+    shutil.copytree(demo.dataset.rsplit("/RAW_DATA/", 1)[0] + "/RAW_DATA", raw)
+    return next(raw.rglob("sample_0001.h5"))
 
 
 @pytest.fixture(scope="session")

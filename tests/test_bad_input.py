@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-
 import h5py
 import numpy as np
 import pytest
 
-from .conftest import edit_config, last_json, run_cli
+from .conftest import copy_dataset, edit_config, last_json, run_cli
 
 pytestmark = pytest.mark.service
 
@@ -83,9 +81,7 @@ def test_unwritable_output_folder(small_demo, tmp_path):
 
 
 def test_truncated_lima_file_fails_alone(small_demo, tmp_path):
-    raw = tmp_path / "RAW_DATA"
-    shutil.copytree(small_demo.dataset.rsplit("/RAW_DATA/", 1)[0] + "/RAW_DATA", raw)
-    master = next(raw.rglob("sample_0001.h5"))
+    master = copy_dataset(small_demo, tmp_path)
     victim = master.parent / "scan0002" / "pilatus_0001.h5"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     config = config_with(small_demo, tmp_path, dataset={"location": str(master)})

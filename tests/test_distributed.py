@@ -23,7 +23,7 @@ from tasks.app import configure
 from worker_launcher.distributed import ClusterSupervisor, enqueue, job_outcomes
 from worker_launcher.nodes import live_nodes
 
-from .conftest import ROOT, edit_config, last_json, run_cli
+from .conftest import ROOT, copy_dataset, edit_config, last_json, run_cli
 from .services import redis_url, require_slurm, squeue_names, unique_prefix, wait_until
 
 pytestmark = pytest.mark.service
@@ -390,9 +390,7 @@ def test_status_follows_a_job_with_a_failed_file(small_demo, tmp_path):
     """Before workers: every file pending on stranded queues; after: per-scan states, the
     failed file with its message and attempts, live workers, frames/s; exit 1 (incomplete)."""
     url, prefix = redis_url(), unique_prefix("status")
-    raw = tmp_path / "RAW_DATA"
-    shutil.copytree(small_demo.dataset.rsplit("/RAW_DATA/", 1)[0] + "/RAW_DATA", raw)
-    master = next(raw.rglob("sample_0001.h5"))
+    master = copy_dataset(small_demo, tmp_path)
     victim = master.parent / "scan0002" / "pilatus_0000.h5"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     config = cluster_config(small_demo, tmp_path, prefix, dataset={"location": str(master)})
@@ -438,9 +436,7 @@ def test_requeue_failed_file_after_fixing_it(small_demo, tmp_path, reference):
     file, assembles the scan from the kept partials, and the outputs equal the reference.
     Requeueing again sends nothing and changes nothing."""
     url, prefix = redis_url(), unique_prefix("requeue")
-    raw = tmp_path / "RAW_DATA"
-    shutil.copytree(small_demo.dataset.rsplit("/RAW_DATA/", 1)[0] + "/RAW_DATA", raw)
-    master = next(raw.rglob("sample_0001.h5"))
+    master = copy_dataset(small_demo, tmp_path)
     victim = master.parent / "scan0002" / "pilatus_0001.h5"
     good = victim.read_bytes()
     victim.write_bytes(good[: len(good) // 2])

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-from .conftest import ROOT, edit_config, last_json, run_cli
+from .conftest import ROOT, copy_dataset, edit_config, last_json, run_cli
 from .services import unavailable
 
 pytestmark = pytest.mark.service
@@ -27,12 +27,6 @@ print("locked", flush=True)
 time.sleep(float(sys.argv[2]))
 h5.close()
 """
-
-
-def copy_dataset(small_demo, tmp_path):
-    raw = tmp_path / "RAW_DATA"
-    shutil.copytree(small_demo.dataset.rsplit("/RAW_DATA/", 1)[0] + "/RAW_DATA", raw)
-    return next(raw.rglob("sample_0001.h5"))
 
 
 def config_for(small_demo, tmp_path, master, name="c.ini", **queue) -> str:
@@ -118,9 +112,8 @@ def busy_worker_child(root_pid: int, queue: str, timeout: float = 120):
     while time.monotonic() < deadline:
         for proc in psutil.Process(root_pid).children(recursive=True):
             try:
-                if queue not in " ".join(proc.cmdline()) or "celery" not in proc.name() + "".join(
-                    proc.cmdline()
-                ):
+                command = f"{proc.name()} {' '.join(proc.cmdline())}"
+                if "celery" not in command or queue not in command:
                     continue
                 for child in proc.children():
                     if child.cpu_percent(interval=0.2) > 50:
