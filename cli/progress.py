@@ -22,28 +22,40 @@ def job_progress(plan: JobPlan, quiet: bool) -> Iterator[Callable]:
         say("error", str(problem))
     for output in plan.skipped:
         say("skipped", f"{output} (existing_output = {plan.config.output.existing_output})")
+    label, n_files = f"job {plan.job_id}", len(plan.file_tasks)
+    with frames_progress(label, plan.n_frames, n_files, quiet) as update:
+        yield update
+
+
+@contextmanager
+def frames_progress(
+    label: str, total: int | None = None, n_files: int | None = None, quiet: bool = False
+) -> Iterator[Callable]:
+    """Frames and files done so far, against totals when they are known."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn(
-            "{task.fields[files]} files  {task.completed:.0f}/{task.total:.0f} frames  "
-            "{task.fields[rate]:.1f} frames/s  {task.fields[failed]} failed"
+            "{task.fields[files]} files  {task.completed:.0f}"
+            + ("/{task.total:.0f}" if total else "")
+            + " frames  {task.fields[rate]:.1f} frames/s  {task.fields[failed]} failed"
         ),
         TimeElapsedColumn(),
     )
+    of = f"/{n_files}" if n_files is not None else ""
     with Progress(*columns, console=err, disable=quiet, transient=False) as bar:
-        task = bar.add_task(
-            f"job {plan.job_id}", total=plan.n_frames, files="0/0", rate=0.0, failed=0
-        )
-        n_files = len(plan.file_tasks)
+        task = bar.add_task(label, total=total, files=f"0{of}", rate=0.0, failed=0)
+        first: list[int] = []  # frames already done when following began (a requeued job)
 
         def update(progress, elapsed: float) -> None:
+            first[:] = first or [progress.frames_done]
+            new_frames = progress.frames_done - first[0]
             bar.update(
                 task,
                 completed=progress.frames_done,
                 failed=progress.files_failed,
-                files=f"{progress.files_done}/{n_files}",
-                rate=progress.frames_done / elapsed if elapsed > 0 else 0.0,
+                files=f"{progress.files_done}{of}",
+                rate=new_frames / elapsed if elapsed > 0 else 0.0,
             )
 
         yield update

@@ -7,10 +7,15 @@ from pathlib import Path
 import typer
 
 from tasks.app import configure
+from tasks.config import Config
 from worker_launcher.broker import shared_broker_url
-from worker_launcher.requeue import Selection, requeue
+from worker_launcher.requeue import RequeueResult, Selection, requeue
+from worker_launcher.run import requeue_here
 
-from .common import load_config, say, user_errors
+from .common import EXIT_FAILED, EXIT_INTERRUPTED, load_config, say, user_errors
+from .progress import frames_progress
+from .run_cmd import install_interrupt_handlers
+from .status_cmd import show
 
 
 def requeue_cmd(
@@ -20,26 +25,52 @@ def requeue_cmd(
     files: list[str] = typer.Option(None, "--file", help="A failed file's path (repeatable)."),
     scan: list[str] = typer.Option(None, "--scan", help="A scan's failed files, e.g. 2.1."),
     stranded: bool = typer.Option(
-        False, "--stranded", help="Move files waiting on queues with no live worker to live ones."
+        False,
+        "--stranded",
+        help="Hand back files of dead workers and move files waiting on queues with no live "
+        "worker to live ones.",
     ),
 ) -> None:
     """Re-enqueue failed files onto live GPU queues; done files keep their partial results.
 
     Each scan they complete is assembled again. Requeueing twice sends nothing the second time.
+    With the embedded broker (no broker_url), the job's broker and local workers are started
+    in its workspace and the command follows the job until every scan has an outcome.
     """
     cfg = load_config(config)
     selection = Selection(failed, tuple(files or ()), tuple(scan or ()), stranded)
-    with user_errors():
-        app = configure(shared_broker_url(cfg, "requeue"))
-        result = requeue(app, cfg, job, selection)
+    if cfg.broker_url():
+        with user_errors():
+            app = configure(shared_broker_url(cfg, "requeue"))
+            result = requeue(app, cfg, job, selection)
+        tell(result)
+        say("requeue", f"follow with: ringflow status {config} {job} --watch")
+        return
+    raise typer.Exit(requeue_locally(cfg, job, selection))
+
+
+def requeue_locally(cfg: Config, job: str, selection: Selection) -> int:
+    install_interrupt_handlers()
+    try:
+        with user_errors(), frames_progress(f"job {job}") as update:
+            result, final = requeue_here(cfg, job, selection, update)
+    except KeyboardInterrupt:
+        say("interrupted", "workers and broker stopped")
+        return EXIT_INTERRUPTED
+    tell(result)
+    show(final, as_json=False)
+    return 0 if final.state == "done" else EXIT_FAILED
+
+
+def tell(result: RequeueResult) -> None:
+    if result.stopped:
+        say("stopped", f"left running by a killed run: {', '.join(result.stopped)}")
+    if result.restored:
+        say("handed back", f"{len(result.restored)} file(s) taken by workers that died")
     if result.moved:
         say("moved", f"{result.moved} stranded file(s) to live GPU queues")
     for path in result.files:
         say("requeued", path)
     for reason in result.skipped:
         say("skipped", reason)
-    say(
-        "requeue",
-        f"{len(result.files)} file(s) requeued, {len(result.scans)} scan(s) to assemble; "
-        f"follow with: ringflow status {config} {job} --watch",
-    )
+    say("requeue", f"{len(result.files)} file(s) requeued, {len(result.scans)} scan(s) to assemble")

@@ -38,6 +38,12 @@ def execute(config: Config, as_json: bool = False) -> int:
         say("interrupted", "workers and broker stopped")
         return EXIT_INTERRUPTED
     report(summary, as_json)
+    if not summary.ok and plan.scans:
+        say(
+            "hint",
+            f"see ringflow status {config.source} {summary.job_id}; once the files are "
+            f"fixed: ringflow requeue {config.source} {summary.job_id} --failed",
+        )
     return 0 if summary.ok else EXIT_FAILED
 
 

@@ -11,7 +11,8 @@ import typer
 from rich.table import Table
 
 from tasks.app import configure
-from worker_launcher.broker import shared_broker_url
+from tasks.outputs import workspace
+from worker_launcher.embedded import job_broker
 from worker_launcher.status import JobStatus, job_status, latest_job
 from worker_launcher.watch import raise_if_stopped
 
@@ -29,25 +30,33 @@ def status(
 ) -> None:
     """Per scan: files done/failed/pending, frames/s; live workers, stranded queues, failures.
 
-    Exit 0 when every scan is written, 1 when a file or scan failed, 0 while running.
+    Without a broker_url, the job's embedded broker is read from its workspace (started there
+    for the time of the command when no ringflow process runs it). Exit 0 when every scan is
+    written or the job still runs, 1 when a file or scan failed or the run was interrupted.
     """
     cfg = load_config(config)
     prefix = cfg.queue.queue_prefix
     install_interrupt_handlers()
-    with user_errors():
-        app = configure(shared_broker_url(cfg, "status"))
+    with user_errors(), job_broker(cfg.broker_url(), workspace(cfg)) as broker:
+        if broker.stopped:
+            say("stopped", f"left running by a killed run: {', '.join(broker.stopped)}")
+        app = configure(broker.url)
         job_id = job or latest_job(app.backend.client, prefix)
         try:
             current = job_status(app, prefix, job_id)
-            while watch and current.state == "running":
+            while watch and current.state == "running" and not broker.owner:
                 show(current, as_json)
                 time.sleep(WATCH_INTERVAL)
                 raise_if_stopped()
                 current = job_status(app, prefix, job_id)
         except KeyboardInterrupt:
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        if broker.owner and current.state == "running":  # its run was killed
+            current.state = "interrupted"
     show(current, as_json)
-    if current.state == "incomplete":
+    if current.state == "interrupted":
+        say("hint", f"finish it with: ringflow requeue {config} {job_id} --stranded")
+    if current.state in ("incomplete", "interrupted"):
         raise typer.Exit(EXIT_FAILED)
 
 

@@ -15,9 +15,8 @@ from tasks.errors import RingflowError
 from worker_launcher.broker import shared_broker_url, write_url_file
 from worker_launcher.local import start_local_workers, visible_gpus
 from worker_launcher.nodes import forget_dead, live_nodes
-from worker_launcher.run import uninterruptible
 from worker_launcher.slurm import SlurmLauncher
-from worker_launcher.watch import raise_if_stopped
+from worker_launcher.watch import raise_if_stopped, uninterruptible
 
 from .common import EXIT_INTERRUPTED, err, load_config, say, user_errors
 from .run_cmd import install_interrupt_handlers

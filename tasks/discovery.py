@@ -70,7 +70,7 @@ class Discovery:
 def discover(config: Config) -> Discovery:
     """Every scan of the configured dataset files, in file then scan-number order."""
     found = Discovery()
-    files, found.problems = _expand(config.dataset.location)
+    files, found.problems = expand_locations(config.dataset.location)
     for path in files:
         try:
             scans = _scans_of_file(path, config)
@@ -85,7 +85,8 @@ def discover(config: Config) -> Discovery:
     return found
 
 
-def _expand(patterns: tuple[str, ...]) -> tuple[list[str], list[DiscoveryError]]:
+def expand_locations(patterns: tuple[str, ...]) -> tuple[list[str], list[DiscoveryError]]:
+    """Files matched by ``[dataset] location``, sorted; a problem per pattern matching none."""
     files: list[str] = []
     problems: list[DiscoveryError] = []
     for pattern in patterns:

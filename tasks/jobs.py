@@ -58,13 +58,8 @@ def plan_job(
             todo.append((scan, output))
         else:
             skipped.append(output_path(config, scan))
-    plan = JobPlan(
-        job_id,
-        config,
-        workspace(config, todo[0][1] if todo else None),
-        skipped=skipped,
-        problems=problems,
-    )
+    space = workspace(config) if found.scans else ""
+    plan = JobPlan(job_id, config, space, skipped=skipped, problems=problems)
     for scan, output in todo:
         plan.scans.append(_scan_payloads(plan, scan, output, fingerprint))
     return plan

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .config import Config
-from .discovery import Scan
+from .discovery import Scan, expand_locations
 from .errors import OutputError
 from .writers import read_fingerprint
 
@@ -37,12 +37,22 @@ def output_path(config: Config, scan: Scan) -> str:
     return str(output_folder(config, scan.master) / f"{name}.h5")
 
 
-def workspace(config: Config, first_output: str | None) -> str:
-    """Folder for partial results, logs and broker data of the job."""
+def workspace(config: Config) -> str:
+    """Folder for the partial results, logs and embedded broker data of a config's jobs.
+
+    Known from the configuration and the first dataset file's path alone, so that ``status``
+    and ``requeue`` find a finished run's broker without discovering any scan: the
+    ``workspace_path``, else ``.ringflow`` in the output location or the first file's output
+    folder.
+    """
     if config.computations.workspace_path:
         return config.computations.workspace_path
-    base = config.output.location or (os.path.dirname(first_output) if first_output else ".")
-    return os.path.join(base, ".ringflow")
+    if config.output.location:
+        return os.path.join(config.output.location, ".ringflow")
+    files, problems = expand_locations(config.dataset.location)
+    if not files:
+        raise problems[0]
+    return str(output_folder(config, files[0]) / ".ringflow")
 
 
 def must_process(config: Config, path: str, fingerprint: str) -> bool:

@@ -4,16 +4,43 @@ Kombu's Redis transport keeps a queue's messages in a list named after the queue
 list per priority level, ``<queue>\\x06\\x16<priority>``), pushed on the left and consumed
 on the right. A message remembers its routing key, which decides where it returns if a worker
 hands it back, so a moved message is rewritten to name its new queue.
+
+A message a worker has taken but not acknowledged (acks_late: until its file is done) waits in
+kombu's ``unacked`` hash, indexed by delivery time in ``unacked_index``. Kombu hands it back
+only after the visibility timeout (hours); :func:`restore_in_flight` hands back at once the
+ones whose worker is known dead.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 
 from . import keys
+from .registry import text
 
 PRIORITY_SEP = "\x06\x16"
+UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's Redis transport, default names
+_RESTORE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  if ARGV[2] ~= '' then redis.call('RPUSH', KEYS[3], ARGV[2]) end
+  return 1
+end
+return 0
+"""  # one atomic step: a message is handed back once, even if kombu sweeps at the same time
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A message of this deployment taken by a worker and not acknowledged yet."""
+
+    tag: str  # kombu's delivery tag
+    task_id: str
+    queue: str
+    since: float  # when a worker took it (epoch seconds)
+    payload: str  # the message, as kombu stored it
 
 
 def gpu_slot(prefix: str, queue: str) -> int | None:
@@ -71,3 +98,34 @@ def _deliver(client, prefix: str, raw: bytes, target: str) -> None:
     pipe.rpush(target, json.dumps(message))  # right end: consumed next, it has waited already
     pipe.lrem(keys.moving(prefix), -1, raw)
     pipe.execute()
+
+
+def in_flight(client, prefix: str) -> list[InFlight]:
+    """Unacknowledged messages of this deployment's queues, oldest first."""
+    ours = re.compile(re.escape(prefix) + r"\.(gpu\d+|assemble)")
+    found = []
+    for tag, raw in client.hscan_iter(UNACKED, count=1000):
+        message, _exchange, routing_key = json.loads(raw)
+        if not ours.fullmatch(routing_key or ""):
+            continue
+        since = client.zscore(UNACKED_INDEX, tag) or 0.0
+        task_id = message.get("headers", {}).get("id", "")
+        found.append(InFlight(text(tag), task_id, routing_key, float(since), text(raw)))
+    return sorted(found, key=lambda m: m.since)
+
+
+def restore_in_flight(client, message: InFlight, finished: bool = False) -> bool:
+    """Put ``message`` back at the consuming end of its queue, marked redelivered.
+
+    ``finished``: its task already has a final result (the worker died between storing it
+    and acknowledging), so the message is dropped instead: doing it again would count the
+    file twice in its scan's chord. False if another process handed it back first.
+    """
+    body = ""
+    if not finished:
+        payload = json.loads(message.payload)[0]
+        payload.setdefault("headers", {})["redelivered"] = True
+        payload.setdefault("properties", {}).setdefault("delivery_info", {})["redelivered"] = True
+        body = json.dumps(payload)
+    keys_ = [UNACKED, UNACKED_INDEX, message.queue]
+    return bool(client.eval(_RESTORE, len(keys_), *keys_, message.tag, body))

@@ -3,7 +3,9 @@
 The supervisor runs in the client while it watches a job. It raises when no worker of the
 deployment is left, and moves the files of a GPU queue that has had no live consumer for
 ``[queue] stranded_after`` seconds to the queues of live workers, so that no file waits
-forever for a worker that died or never started.
+forever for a worker that died or never started. When a worker vanishes (SIGKILL,
+``scancel``, a lost node), the files it had taken are handed back (:mod:`.recovery`) for a
+while afterwards: a file is handed back once no live worker lists it for ORPHAN_GRACE_S.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from tasks.jobs import JobPlan, submit
 from tasks.queues import gpu_slot, move_pending, pending_files
 
 from .nodes import Node, live_nodes
-from .run import uninterruptible
+from .recovery import ORPHAN_GRACE_S, restore_orphans
 from .slurm import SlurmLauncher
-from .watch import JobSummary, new_summary, summarise, watch
+from .watch import JobSummary, new_summary, summarise, uninterruptible, watch
 
 CHECK_EVERY_S = 2.0
+ORPHAN_WATCH_S = 6 * ORPHAN_GRACE_S  # how long after a worker vanished its files are sought
 
 
 def target_slots(config: Config, nodes: list[Node]) -> list[int]:
@@ -86,6 +89,9 @@ class ClusterSupervisor:
     _last_check: float = 0.0
     _no_worker_since: float | None = None
     _stranded_since: dict[str, float] = field(default_factory=dict)
+    _seen: set[str] = field(default_factory=set)  # worker names alive at the last check
+    _lost_at: float | None = None  # when a worker was last seen to vanish
+    _orphans_checked: float = 0.0
 
     def check(self) -> None:
         now = time.monotonic()
@@ -98,7 +104,24 @@ class ClusterSupervisor:
             self._no_worker_since = None
         else:
             self._workers_missing(now)
+        self._hand_back_orphans(now, nodes)
         self._rebalance(now, {q for node in nodes for q in node.queues})
+
+    def _hand_back_orphans(self, now: float, nodes: list[Node]) -> None:
+        names = {node.name for node in nodes}
+        vanished = self._seen - names
+        self._seen = names
+        if vanished:
+            self._lost_at = now
+            self.on_event(f"worker gone: {', '.join(sorted(vanished))}")
+        if self._lost_at is None or now - self._orphans_checked < ORPHAN_GRACE_S:
+            return
+        self._orphans_checked = now
+        restored = restore_orphans(self.app, self.config.queue.queue_prefix)
+        if restored:
+            self.on_event(f"{len(restored)} file(s) taken by a dead worker handed back")
+        if now - self._lost_at > ORPHAN_WATCH_S:
+            self._lost_at = None
 
     def _workers_missing(self, now: float) -> None:
         self._no_worker_since = self._no_worker_since or now

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tasks.config import Config
@@ -74,14 +75,23 @@ def local_specs(config: Config, gpus: list[str]) -> list[tuple[WorkerSpec, dict[
 
 
 def start_local_workers(
-    config: Config, url_file: str, folder: str, gpus: list[str] | None = None
+    config: Config,
+    url_file: str,
+    folder: str,
+    gpus: list[str] | None = None,
+    on_start: Callable[[int, str], None] | None = None,
 ) -> LocalWorkers:
-    """Start the workers of :func:`local_specs`; scripts and logs go to ``folder``."""
+    """Start the workers of :func:`local_specs`; scripts and logs go to ``folder``.
+
+    ``on_start(pid, role)`` is told of each process as soon as it runs.
+    """
     os.makedirs(folder, exist_ok=True)
     workers = LocalWorkers()
     try:
         for spec, env in local_specs(config, gpus or []):
             workers.workers.append(_start(config, spec, env, url_file, folder))
+            if on_start:
+                on_start(workers.workers[-1].process.pid, spec.role)
     except BaseException:  # Ctrl-C between two starts: leave nothing behind
         workers.stop()
         raise

@@ -53,3 +53,13 @@ def forget_dead(app, prefix: str, alive: list[Node]) -> None:
     stale = [k for k in client.hkeys(keys.workers(prefix)) if text(k) not in names]
     if stale:
         client.hdel(keys.workers(prefix), *stale)
+
+
+def held_tasks(app, timeout: float = 2 * INSPECT_TIMEOUT) -> set[str]:
+    """Ids of the tasks that answering workers are running or hold reserved."""
+    inspect = app.control.inspect(timeout=timeout)
+    held = set()
+    for replies in (inspect.active() or {}, inspect.reserved() or {}):
+        for tasks in replies.values():
+            held.update(task["id"] for task in tasks)
+    return held

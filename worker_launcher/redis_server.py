@@ -60,14 +60,20 @@ def redis_executable() -> str:
     return found
 
 
-def start_embedded_redis(folder: str, persistent: bool = False) -> EmbeddedRedis:
-    """Start Redis on a free loopback port with its data in ``folder``; wait until it answers."""
+def start_embedded_redis(
+    folder: str, persistent: bool = False, port: int | None = None, password: str | None = None
+) -> EmbeddedRedis:
+    """Start Redis on loopback with its data in ``folder``; wait until it answers.
+
+    ``persistent``: append-only file on (fsync every second). A free port and a random
+    password unless given (restarting a server where its clients expect it).
+    """
     os.makedirs(folder, exist_ok=True)
-    password = secrets.token_urlsafe(24)
+    password = password or secrets.token_urlsafe(24)
     last_error = ""
-    for _ in range(3):  # a free port can be taken between probing and binding
-        port = _free_port()
-        conf = _write_conf(folder, port, password, persistent)
+    for _ in range(1 if port else 3):  # a free port can be taken between probing and binding
+        chosen = port or _free_port()
+        conf = _write_conf(folder, chosen, password, persistent)
         with open(os.path.join(folder, "redis.log"), "ab") as log:
             process = subprocess.Popen(
                 [redis_executable(), conf],
@@ -76,7 +82,7 @@ def start_embedded_redis(folder: str, persistent: bool = False) -> EmbeddedRedis
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        server = EmbeddedRedis(folder, port, password, process)
+        server = EmbeddedRedis(folder, chosen, password, process)
         last_error = _wait_ready(server)
         if not last_error:
             return server

@@ -18,10 +18,10 @@ from tasks.config import Config
 from tasks.errors import RingflowError
 from tasks.jobs import assign_slots, stop_result_subscriptions
 from tasks.payloads import FileTask
-from tasks.queues import move_pending, pending_files
 
 from .distributed import target_slots
-from .nodes import live_nodes
+from .nodes import Node, live_nodes
+from .recovery import move_stranded, restore_orphans
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,22 @@ class RequeueResult:
     scans: list[str] = field(default_factory=list)  # scans that will be assembled again
     skipped: list[str] = field(default_factory=list)  # 'path: reason' for selected files left
     moved: int = 0  # stranded messages moved to live queues
+    restored: list[str] = field(default_factory=list)  # orphaned in-flight tasks handed back
+    stopped: tuple[str, ...] = ()  # 'role pid' left running by a killed run, stopped first
 
 
-def requeue(app, config: Config, job_id: str, selection: Selection) -> RequeueResult:
+def requeue(
+    app,
+    config: Config,
+    job_id: str,
+    selection: Selection,
+    nodes: list[Node] | None = None,
+    slots: list[int] | None = None,
+) -> RequeueResult:
+    """Requeue the selected files of ``job_id`` onto ``slots`` (default: the live workers').
+
+    ``nodes``: the live workers, when the caller has just asked.
+    """
     if selection.empty:
         raise RingflowError("nothing selected: give --failed, --file, --scan or --stranded")
     client, prefix = app.backend.client, config.queue.queue_prefix
@@ -52,9 +65,10 @@ def requeue(app, config: Config, job_id: str, selection: Selection) -> RequeueRe
     if not manifest:
         raise RingflowError(f"job {job_id}: unknown on this broker, or its records expired")
     result = RequeueResult()
-    nodes = live_nodes(app, prefix)
+    nodes = live_nodes(app, prefix) if nodes is None else nodes
     if selection.stranded:
-        result.moved = _move_stranded(client, prefix, nodes)
+        result.restored = restore_orphans(app, prefix)
+        result.moved = move_stranded(client, prefix, nodes)
     done = registry.read_done(client, prefix, job_id)
     failed = registry.read_progress(client, prefix, job_id).failures
     chosen = []
@@ -68,7 +82,9 @@ def requeue(app, config: Config, job_id: str, selection: Selection) -> RequeueRe
         else:
             chosen.append(task_id)
     if chosen:
-        result.scans = _send(app, config, job_id, manifest, chosen, target_slots(config, nodes))
+        result.scans = _send(
+            app, config, job_id, manifest, chosen, slots or target_slots(config, nodes)
+        )
         result.files = [manifest[t]["path"] for t in chosen]
     return result
 
@@ -109,15 +125,3 @@ def _send(app, config: Config, job_id: str, manifest: dict, chosen: list[str], s
         chord(header)(body)
     stop_result_subscriptions(app)
     return sorted(by_scan)
-
-
-def _move_stranded(client, prefix: str, nodes) -> int:
-    """Files waiting on GPU queues that no live worker consumes go to the live ones."""
-    live = sorted({q for n in nodes for q in n.queues if q.startswith(f"{prefix}.gpu")})
-    if not live:
-        raise RingflowError("--stranded: no live GPU worker to move files to; start workers")
-    moved = 0
-    for queue in pending_files(client, prefix):
-        if queue not in live:
-            moved += move_pending(client, prefix, queue, live)
-    return moved

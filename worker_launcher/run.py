@@ -1,58 +1,68 @@
-"""Run a job on this machine: broker (embedded unless configured), local workers, submit, watch."""
+"""Run a job on this machine: broker (embedded unless configured), local workers, submit, watch.
+
+The embedded broker keeps its data in the job's workspace (:mod:`.embedded`), so a finished
+or killed run can be followed with ``status`` and completed with ``requeue``, which starts
+the broker and local workers there again.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from tasks import registry
 from tasks.app import configure
 from tasks.config import Config
+from tasks.errors import BrokerError, RingflowError
 from tasks.jobs import JobPlan, submit
+from tasks.outputs import workspace
 
-from .broker import check_broker, write_url_file
+from .distributed import scan_outcomes, wait_for_workers
+from .embedded import WorkspaceBroker, job_broker
 from .local import LocalWorkers, start_local_workers
-from .redis_server import start_embedded_redis
-from .watch import JobSummary, new_summary, summarise, watch
+from .recovery import restore_orphans
+from .requeue import RequeueResult, Selection, requeue
+from .status import JobStatus, job_status
+from .watch import JobSummary, new_summary, summarise, uninterruptible, watch
+
+
+@dataclass
+class LocalServices:
+    app: object
+    broker: WorkspaceBroker
+    workers: LocalWorkers
+    handed_back: list[str]  # in-flight files a killed run left, handed back before start
 
 
 @contextmanager
-def local_services(config: Config, workspace: str) -> Iterator[tuple[object, LocalWorkers]]:
-    """The Celery app on a reachable broker, and local workers; all stopped on exit."""
-    server = None
-    url = config.broker_url()
-    if not url:
-        server = start_embedded_redis(os.path.join(workspace, "broker"))
-        url = server.url
-    workers = None
+def local_services(config: Config, space: str) -> Iterator[LocalServices]:
+    """The Celery app on the job's broker, and local workers; all stopped on exit.
+
+    Owning the embedded broker means no worker of it is alive: files a killed run's workers
+    had taken are handed back before the new workers start.
+    """
+    stack = contextlib.ExitStack()
     try:
-        check_broker(url)
-        app = configure(url, config.queue.task_time_limit)
-        url_file = write_url_file(os.path.join(workspace, "broker"), url)
-        workers = start_local_workers(config, url_file, os.path.join(workspace, "logs"))
-        yield app, workers
+        broker = stack.enter_context(job_broker(config.broker_url(), space))
+        if broker.embedded and not broker.owner:
+            raise BrokerError(
+                f"{broker.folder}: the job broker of this workspace is in use by ringflow "
+                f"process {broker.owner_pid}; wait for it to end (ringflow status shows it)"
+            )
+        app = configure(broker.url, config.queue.task_time_limit)
+        prefix = config.queue.queue_prefix
+        handed_back = restore_orphans(app, prefix, no_worker_alive=True) if broker.owner else []
+        logs = os.path.join(space, "logs")
+        workers = start_local_workers(config, broker.url_file, logs, on_start=broker.record)
+        stack.callback(workers.stop)
+        yield LocalServices(app, broker, workers, handed_back)
     finally:
         with uninterruptible():  # a second Ctrl-C must not leave orphans behind
-            if workers is not None:
-                workers.stop()
-            if server is not None:
-                server.stop()
-
-
-@contextmanager
-def uninterruptible():
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread: nothing to protect
-        previous = None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+            stack.close()
 
 
 def run_plan(
@@ -62,10 +72,45 @@ def run_plan(
     start = time.monotonic()
     summary = new_summary(plan)
     if plan.scans:
-        with local_services(config, plan.workspace) as (app, workers):
-            callbacks = submit(app, plan)
+        with local_services(config, plan.workspace) as services:
+            callbacks = submit(services.app, plan)
             hint = f"worker logs in {os.path.join(plan.workspace, 'logs')}"
-            outcomes = watch(app, plan, callbacks, workers, on_progress, hint)
-            summarise(summary, app, plan, outcomes)
+            outcomes = watch(services.app, plan, callbacks, services.workers, on_progress, hint)
+            summarise(summary, services.app, plan, outcomes)
     summary.seconds = time.monotonic() - start
     return summary
+
+
+def requeue_here(
+    config: Config,
+    job_id: str,
+    selection: Selection,
+    on_progress: Callable[[registry.Progress, float], None],
+) -> tuple[RequeueResult, JobStatus]:
+    """``requeue`` on this machine's workers, followed until every scan has an outcome.
+
+    Scans left unassembled by a killed run are followed too: their waiting files run again
+    on the new workers, and what the killed workers had taken was handed back at start.
+    """
+    space = workspace(config)
+    with local_services(config, space) as services:
+        app, prefix = services.app, config.queue.queue_prefix
+        if not registry.read_manifest(app.backend.client, prefix, job_id):
+            raise RingflowError(f"job {job_id}: unknown in {space}, or its records expired")
+        nodes = wait_for_workers(app, config, None, config.queue.worker_start_timeout)
+        result = requeue(app, config, job_id, selection, nodes, slots=[0])
+        result.restored += services.handed_back
+        result.stopped = services.broker.stopped
+        callbacks = unfinished_scans(app, prefix, job_id)
+        result.scans = sorted(set(result.scans) | set(callbacks))
+        plan = JobPlan(job_id, config, space)
+        hint = f"worker logs in {os.path.join(space, 'logs')}"
+        watch(app, plan, callbacks, services.workers, on_progress, hint)
+        return result, job_status(app, prefix, job_id)
+
+
+def unfinished_scans(app, prefix: str, job_id: str) -> dict[str, str]:
+    """scan key -> callback id of the job's scans that have no outcome yet."""
+    scans = registry.read_scans(app.backend.client, prefix, job_id)
+    outcomes = scan_outcomes(app, scans)
+    return {key: entry["callback"] for key, entry in scans.items() if outcomes[key] is None}

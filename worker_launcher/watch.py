@@ -6,17 +6,20 @@ job that makes no progress for ``[queue] stall_timeout`` seconds ends with an er
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from tasks import registry
-from tasks.errors import WorkerError
+from tasks.errors import BrokerError, WorkerError
 from tasks.jobs import JobPlan
 
 POLL_S = 0.25
+BROKER_OUTAGE_S = 60.0  # a broker restart shorter than this does not end the watch
 STOP = threading.Event()  # set by the CLI's signal handler: a KeyboardInterrupt that Python
 # swallowed (raised inside a __del__) is raised again by the next poll
 
@@ -24,6 +27,19 @@ STOP = threading.Event()  # set by the CLI's signal handler: a KeyboardInterrupt
 def raise_if_stopped() -> None:
     if STOP.is_set():
         raise KeyboardInterrupt
+
+
+@contextmanager
+def uninterruptible():
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to protect
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 class Supervisor(Protocol):
@@ -81,31 +97,54 @@ def watch(
     log_hint: str = "",
 ) -> dict:
     """Wait for every scan callback; returns scan key -> callback result."""
-    client, prefix = app.backend.client, plan.config.queue.queue_prefix
     stall = plan.config.queue.stall_timeout
     start = last_change = time.monotonic()
     last_state, outcomes = None, {}
     pending = dict(callbacks)
+    outage_since = None
     while pending:
-        for key, task_id in list(pending.items()):
-            meta = app.backend.get_task_meta(task_id)
-            if meta["status"] in ("SUCCESS", "FAILURE", "REVOKED"):
-                outcomes[key] = meta["result"]
-                del pending[key]
-        progress = registry.read_progress(client, prefix, plan.job_id)
+        try:
+            progress = _poll(app, plan, pending, outcomes)
+            if pending:
+                supervisor.check()
+        except broker_down() as exc:  # a broker restart: workers reconnect, so do we
+            outage_since = outage_since or time.monotonic()
+            if time.monotonic() - outage_since > BROKER_OUTAGE_S:
+                lost = f"broker unreachable for {BROKER_OUTAGE_S:.0f} s: {exc}"
+                raise BrokerError(lost) from None
+            raise_if_stopped()
+            time.sleep(1.0)
+            continue
+        outage_since = None
         now = time.monotonic()
         on_progress(progress, now - start)
         state = (progress.frames_done, progress.files_done, progress.files_failed, len(pending))
         if state != last_state:
             last_state, last_change = state, now
         raise_if_stopped()
-        if pending:
-            supervisor.check()
         if pending and now - last_change > stall:
             raise WorkerError(f"no progress for {stall} s ([queue] stall_timeout); {log_hint}")
         if pending:
             time.sleep(POLL_S)
     return outcomes
+
+
+def _poll(app, plan: JobPlan, pending: dict, outcomes: dict) -> registry.Progress:
+    """Move scans whose callback ended from ``pending`` to ``outcomes``; the job's counters."""
+    for key, task_id in list(pending.items()):
+        meta = app.backend.get_task_meta(task_id)
+        if meta["status"] in ("SUCCESS", "FAILURE", "REVOKED"):
+            outcomes[key] = meta["result"]
+            del pending[key]
+    return registry.read_progress(app.backend.client, plan.config.queue.queue_prefix, plan.job_id)
+
+
+def broker_down() -> tuple[type[BaseException], ...]:
+    """Errors meaning the broker cannot be reached right now (it may come back)."""
+    import kombu.exceptions
+    import redis
+
+    return (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError)
 
 
 def summarise(summary: JobSummary, app, plan: JobPlan, outcomes: dict) -> None:
