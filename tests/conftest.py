@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import pytest
 
 from tasks.demo import DemoSpec, write_demo
@@ -58,8 +59,54 @@ def copy_dataset(demo, folder: Path) -> Path:
     return next(raw.rglob("sample_0001.h5"))
 
 
+def spawn_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """A ringflow command left running, as a user's terminal would."""
+    full_env = {k: v for k, v in os.environ.items() if k != "RINGFLOW_BROKER_URL"}
+    full_env.update(PYTHONPATH=str(ROOT), COLUMNS="200", **(env or {}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(ROOT),
+        env=full_env,
+    )
+
+
+def kill_tree(root_pid: int) -> list[int]:
+    """SIGKILL a process and everything it started, as a crashed node would: no cleanup."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    procs = [root, *root.children(recursive=True)]
+    for proc in procs:
+        proc.kill()
+    psutil.wait_procs(procs, timeout=10)
+    return [p.pid for p in procs]
+
+
+def assert_same_scan(output: str, reference: str) -> None:
+    with h5py.File(output) as a, h5py.File(reference) as b:
+        for name in ("intensity", "errors", "source_frame", "frame_index"):
+            left, right = a[f"1.1/integrated/{name}"][()], b[f"1.1/integrated/{name}"][()]
+            assert left.shape == right.shape and left.tobytes() == right.tobytes(), name
+
+
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory):
     """2 scans x 2 Lima files x 4 Pilatus-1M frames, with its PONI, mask and config."""
     root = tmp_path_factory.mktemp("demo")
     return write_demo(DemoSpec(str(root), scans=2, files_per_scan=2, frames_per_file=4))
+
+
+@pytest.fixture(scope="session")
+def long_files(tmp_path_factory):
+    """1 scan x 2 Lima files x 30 frames, and its output from a clean `ringflow run`: a file
+    takes seconds, long enough to kill a worker mid-file."""
+    root = tmp_path_factory.mktemp("long")
+    demo = write_demo(DemoSpec(str(root), scans=1, files_per_scan=2, frames_per_file=30))
+    clean = edit_config(demo.config, {"output": {"location": str(root / "clean")}}, root / "c.ini")
+    result = run_cli("run", clean, "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (output,) = last_json(result.stdout)["outputs"]
+    return demo, output

@@ -23,7 +23,7 @@ from tasks.app import configure
 from worker_launcher.distributed import ClusterSupervisor, enqueue, job_outcomes
 from worker_launcher.nodes import live_nodes
 
-from .conftest import ROOT, copy_dataset, edit_config, last_json, run_cli
+from .conftest import ROOT, assert_same_scan, copy_dataset, edit_config, last_json, run_cli
 from .services import redis_url, require_slurm, squeue_names, unique_prefix, wait_until
 
 pytestmark = pytest.mark.service
@@ -473,3 +473,45 @@ def test_requeue_failed_file_after_fixing_it(small_demo, tmp_path, reference):
     assert len(outputs) == 2  # one file per scan, rows neither lost nor duplicated
     assert_same_as_reference(outputs, reference)
     print(f"requeue --failed: scan written {recovery:.1f} s after the requeue, 0 lost")
+
+
+def test_scancel_of_one_worker_job_while_another_lives(long_files, tmp_path):
+    """`integrate-slurm` with two GPU worker jobs; the one on gpu1 is scancelled while it
+    integrates a file. Its file ends up done (finished during the worker's warm shutdown, or
+    handed back by the supervisor and moved to gpu0): the job completes, the output equals a
+    clean run's, every file is done once."""
+    require_slurm()
+    url, prefix = redis_url(), unique_prefix("scancel")
+    demo, clean_output = long_files
+    config = cluster_config(demo, tmp_path, prefix, queue={"stranded_after": "1"})
+    env = {"RINGFLOW_BROKER_URL": url}
+    cli = start_cli(["integrate-slurm", str(config), "--json"], env, tmp_path / "islurm")
+    app = configure(url)
+    try:
+
+        def gpu1_busy():
+            active = app.control.inspect(timeout=1).active() or {}
+            return next((n for n, tasks in active.items() if "-gpu1-" in n and tasks), None)
+
+        name = wait_until(gpu1_busy, 240, "the gpu1 worker job integrating a file")
+        (node,) = [n for n in live_nodes(app, prefix) if n.name == name]
+        subprocess.run(["scancel", node.slurm_job], check=True, timeout=30)
+        cancelled_at = time.monotonic()
+        cli.wait(300)
+        recovery = time.monotonic() - cancelled_at
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        subprocess.run(["scancel", "--name", f"ringflow-{prefix}-gpu0"], check=False)
+    stderr = (tmp_path / "islurm.err").read_text()
+    assert cli.returncode == 0, stderr[-3000:]
+    summary = last_json((tmp_path / "islurm.out").read_text())
+    assert summary["files_done"] == 2 and summary["files_failed"] == [], summary
+    assert_same_scan(summary["outputs"][0], clean_output)
+    done = registry.read_done(app.backend.client, prefix, summary["job_id"])
+    assert len(done) == 2
+    how = "handed back and redone on gpu0" if "handed back" in stderr else "finished on gpu1"
+    print(
+        f"scancel of the gpu1 job mid-file: its file was {how}; job done {recovery:.1f} s "
+        "after the scancel, 0 lost, 0 duplicated"
+    )

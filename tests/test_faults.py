@@ -15,7 +15,16 @@ import h5py
 import numpy as np
 import pytest
 
-from .conftest import ROOT, copy_dataset, edit_config, last_json, run_cli
+from .conftest import (
+    ROOT,
+    assert_same_scan,
+    copy_dataset,
+    edit_config,
+    kill_tree,
+    last_json,
+    run_cli,
+    spawn_cli,
+)
 from .services import unavailable
 
 pytestmark = pytest.mark.service
@@ -124,20 +133,6 @@ def busy_worker_child(root_pid: int, queue: str, timeout: float = 120):
     raise AssertionError(f"no busy worker child on {queue} within {timeout} s")
 
 
-@pytest.fixture(scope="module")
-def long_files(tmp_path_factory):
-    """1 scan x 2 Lima files x 30 frames: a file takes seconds, long enough to kill mid-file."""
-    from tasks.demo import DemoSpec, write_demo
-
-    root = tmp_path_factory.mktemp("long")
-    demo = write_demo(DemoSpec(str(root), scans=1, files_per_scan=2, frames_per_file=30))
-    clean = edit_config(demo.config, {"output": {"location": str(root / "clean")}}, root / "c.ini")
-    result = run_cli("run", clean, "--json")
-    assert result.returncode == 0, result.stderr[-2000:]
-    (output,) = last_json(result.stdout)["outputs"]
-    return demo, output
-
-
 def test_sigkill_of_a_worker_child_mid_file_redoes_that_file(long_files, tmp_path):
     demo, clean_output = long_files
     config = edit_config(
@@ -162,11 +157,7 @@ def test_sigkill_of_a_worker_child_mid_file_redoes_that_file(long_files, tmp_pat
     assert run.returncode == 0, stderr[-3000:]
     summary = last_json(stdout)
     assert summary["files_done"] == 2 and summary["files_failed"] == []
-    (output,) = summary["outputs"]
-    with h5py.File(output) as a, h5py.File(clean_output) as b:
-        for name in ("intensity", "errors", "source_frame", "frame_index"):
-            left, right = a[f"1.1/integrated/{name}"][()], b[f"1.1/integrated/{name}"][()]
-            assert left.shape == right.shape and left.tobytes() == right.tobytes(), name
+    assert_same_scan(summary["outputs"][0], clean_output)
     logs = "".join(p.read_text() for p in (tmp_path / "out").rglob("worker-gpu0-*.log"))
     assert "WorkerLostError('Worker exited prematurely: signal 9 (SIGKILL)" in logs  # mid-task
     print(f"worker child SIGKILLed mid-file: job finished {recovered:.1f} s later, 0 lost")
@@ -220,41 +211,6 @@ def test_full_then_read_only_output_folder_then_rerun(small_demo, tmp_path):
         subprocess.run(["umount", "-l", str(out)], check=False)
 
 
-def start_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
-    """A ringflow command left running, as a user's terminal would."""
-    import os
-
-    full_env = {k: v for k, v in os.environ.items() if k != "RINGFLOW_BROKER_URL"}
-    full_env.update(PYTHONPATH=str(ROOT), COLUMNS="200", **(env or {}))
-    return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=str(ROOT),
-        env=full_env,
-    )
-
-
-def kill_tree(root_pid: int) -> list[int]:
-    """SIGKILL a process and everything it started, as a crashed node would: no cleanup."""
-    import psutil
-
-    root = psutil.Process(root_pid)
-    procs = [root, *root.children(recursive=True)]
-    for proc in procs:
-        proc.kill()
-    psutil.wait_procs(procs, timeout=10)
-    return [p.pid for p in procs]
-
-
-def assert_same_scan(output: str, reference: str) -> None:
-    with h5py.File(output) as a, h5py.File(reference) as b:
-        for name in ("intensity", "errors", "source_frame", "frame_index"):
-            left, right = a[f"1.1/integrated/{name}"][()], b[f"1.1/integrated/{name}"][()]
-            assert left.shape == right.shape and left.tobytes() == right.tobytes(), name
-
-
 def test_killed_run_is_finished_by_requeue_stranded(long_files, tmp_path):
     """`ringflow run` SIGKILLed with its workers and embedded Redis mid-file: the job's
     records survive in the workspace (AOF); `status` says interrupted; `requeue --stranded`
@@ -263,7 +219,7 @@ def test_killed_run_is_finished_by_requeue_stranded(long_files, tmp_path):
     demo, clean_output = long_files
     out = tmp_path / "out"
     config = edit_config(demo.config, {"output": {"location": str(out)}}, tmp_path / "k.ini")
-    run = start_cli("run", config, "--json")
+    run = spawn_cli("run", config, "--json")
     busy_worker_child(run.pid, "ringflow.gpu0")
     killed = kill_tree(run.pid)
     assert not list(out.rglob("azint_*.h5"))  # the scan was not assembled
@@ -287,4 +243,136 @@ def test_killed_run_is_finished_by_requeue_stranded(long_files, tmp_path):
     print(
         f"whole run SIGKILLed ({len(killed)} processes): requeue --stranded finished the "
         f"job in {recovery:.1f} s, 0 lost, 0 duplicated"
+    )
+
+
+def test_file_that_vanishes_then_appears_is_retried(long_files, tmp_path):
+    """A Lima file missing when its turn comes (ENOENT: moved by a storage tier, an NFS
+    hiccup) and back 8 s later is retried until readable; the output equals a clean run's."""
+    demo, clean_output = long_files
+    master = copy_dataset(demo, tmp_path)
+    victim = master.parent / "scan0001" / "pilatus_0001.h5"
+    config = edit_config(
+        demo.config,
+        {
+            "dataset": {"location": str(master)},
+            "output": {"location": str(tmp_path / "out")},
+            "computations distribution": {"ai_engines_per_worker": "1"},  # files one by one
+            "queue": {"max_retries": "10", "retry_delay_s": "1", "retry_delay_max_s": "3"},
+        },
+        tmp_path / "late.ini",
+    )
+    run = spawn_cli("run", config, "--json")
+    busy_worker_child(run.pid, "ringflow.gpu0")  # file 0 runs; file 1 waits its turn
+    hidden = victim.with_suffix(".away")
+    victim.rename(hidden)
+    time.sleep(8)
+    hidden.rename(victim)
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr[-3000:]
+    summary = last_json(stdout)
+    assert summary["files_done"] == 2 and summary["files_failed"] == []
+    assert summary["files_retried"].get(str(victim), 0) > 1, summary
+    assert_same_scan(summary["outputs"][0], clean_output)
+    print(f"vanished file: done at attempt {summary['files_retried'][str(victim)]}, 0 lost")
+
+
+def test_redis_restart_mid_job_with_aof(long_files, tmp_path):
+    """The broker (AOF on) is stopped mid-file and started again 3 s later on the same port:
+    workers and the client reconnect, the job completes, the output equals a clean run's."""
+    from worker_launcher.redis_server import start_embedded_redis
+
+    demo, clean_output = long_files
+    redis = start_embedded_redis(str(tmp_path / "redis"), persistent=True)
+    config = edit_config(
+        demo.config,
+        {
+            "output": {"location": str(tmp_path / "out")},
+            "queue": {"queue_prefix": "restart"},
+        },
+        tmp_path / "r.ini",
+    )
+    run = spawn_cli("run", config, "--json", env={"RINGFLOW_BROKER_URL": redis.url})
+    try:
+        busy_worker_child(run.pid, "restart.gpu0")
+        redis.stop()  # SIGTERM: Redis writes its AOF and exits
+        down_at = time.monotonic()
+        time.sleep(3)
+        redis = start_embedded_redis(
+            redis.folder, persistent=True, port=redis.port, password=redis.password
+        )
+        stdout, stderr = run.communicate(timeout=300)
+        recovered = time.monotonic() - down_at
+    finally:
+        if run.poll() is None:
+            run.kill()
+        redis.stop()
+    assert run.returncode == 0, stderr[-3000:]
+    summary = last_json(stdout)
+    assert summary["files_done"] == 2 and summary["files_failed"] == [], summary
+    assert_same_scan(summary["outputs"][0], clean_output)
+    assert redis.password not in stdout + stderr
+    print(f"Redis restarted mid-file: job done {recovered:.1f} s after the stop, 0 lost")
+
+
+def test_sigkill_of_a_whole_worker_while_another_lives(long_files, tmp_path):
+    """Two GPU workers on a shared broker; the one on gpu1 is SIGKILLed with its whole
+    process tree mid-file. `requeue --stranded` hands its file back and moves it to gpu0,
+    where it is done; the output equals a clean run's and every file is done once."""
+    from tasks import registry
+    from tasks.app import configure
+    from worker_launcher.nodes import live_nodes
+
+    from .services import redis_url, unique_prefix, wait_until
+
+    url, prefix = redis_url(), unique_prefix("kill")
+    demo, clean_output = long_files
+    config = edit_config(
+        demo.config,
+        {
+            "output": {"location": str(tmp_path / "out")},
+            "queue": {"queue_prefix": prefix},
+            "computations distribution": {
+                "n_workers": "2",
+                "ai_engines_per_worker": "1",
+                "workspace_path": str(tmp_path / "ws"),
+            },
+        },
+        tmp_path / "w.ini",
+    )
+    env = {"RINGFLOW_BROKER_URL": url}
+    survivor = spawn_cli("workers", "local", config, "--gpus", "0", env=env)
+    doomed = spawn_cli("workers", "local", config, "--gpus", "1", env=env)
+    try:
+        app = configure(url)
+
+        def both_up():
+            return {s for n in live_nodes(app, prefix) for s in n.slots(prefix)} == {0, 1}
+
+        wait_until(both_up, 90, "gpu0 and gpu1 workers")
+        queued = run_cli("enqueue", config, env=env)
+        assert queued.returncode == 0, queued.stderr[-2000:]
+        job_id = queued.stdout.strip().splitlines()[-1]
+        busy_worker_child(doomed.pid, f"{prefix}.gpu1")
+        kill_tree(doomed.pid)
+        killed_at = time.monotonic()
+        requeued = run_cli("requeue", config, job_id, "--stranded", env=env)
+        assert requeued.returncode == 0, requeued.stderr[-2000:]
+        assert "handed back: 1 file(s) taken by workers that died" in requeued.stderr
+        assert "moved: 1 stranded file(s)" in requeued.stderr
+        final = run_cli("status", config, job_id, "--watch", "--json", env=env, timeout=240)
+        recovery = time.monotonic() - killed_at
+        assert final.returncode == 0, final.stderr[-2000:]
+        state = last_json(final.stdout)
+        assert state["counts"] == {"files": 2, "done": 2, "failed": 0, "retrying": 0, "pending": 0}
+        done = registry.read_done(app.backend.client, prefix, job_id)
+        assert {info["queue"] for info in done.values()} == {f"{prefix}.gpu0"}
+    finally:
+        survivor.send_signal(2)
+        survivor.wait(60)
+    (output,) = [str(p) for p in (tmp_path / "out").rglob("azint_*.h5")]
+    assert_same_scan(output, clean_output)
+    print(
+        f"whole worker SIGKILLed: its file done on gpu0 {recovery:.1f} s after the kill "
+        "(requeue --stranded), 0 lost, 0 duplicated"
     )

@@ -67,7 +67,7 @@ def requeue(
     result = RequeueResult()
     nodes = live_nodes(app, prefix) if nodes is None else nodes
     if selection.stranded:
-        result.restored = restore_orphans(app, prefix)
+        result.restored = restore_orphans(app, prefix, wait=True)
         result.moved = move_stranded(client, prefix, nodes)
     done = registry.read_done(client, prefix, job_id)
     failed = registry.read_progress(client, prefix, job_id).failures
