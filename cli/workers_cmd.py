@@ -115,6 +115,13 @@ def local(
     gpus: str = typer.Option(
         None, "--gpus", help="GPU ids, e.g. 0,1 (default: all visible; none: one CPU worker)."
     ),
+    first_slot: int = typer.Option(
+        0,
+        "--first-slot",
+        min=0,
+        help="Queue slot of the first worker, when several machines "
+        "serve one deployment (each its own range of gpu<k> queues).",
+    ),
 ) -> None:
     """Run the deployment's workers on this machine until Ctrl-C: one per GPU, or one CPU one."""
     cfg = load_config(config)
@@ -126,7 +133,8 @@ def local(
             url = shared_broker_url(cfg, "workers local")
             launcher = SlurmLauncher(cfg)  # same folder layout as SLURM workers
             url_file = write_url_file(launcher.folder, url)
-            workers = start_local_workers(cfg, url_file, f"{launcher.folder}/logs/local", ids)
+            logs = f"{launcher.folder}/logs/local"
+            workers = start_local_workers(cfg, url_file, logs, ids, first_slot=first_slot)
             for worker in workers.workers:
                 say("started", f"{worker.name} (log {worker.log})")
             while True:

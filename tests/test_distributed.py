@@ -475,11 +475,13 @@ def test_requeue_failed_file_after_fixing_it(small_demo, tmp_path, reference):
     print(f"requeue --failed: scan written {recovery:.1f} s after the requeue, 0 lost")
 
 
-def test_scancel_of_one_worker_job_while_another_lives(long_files, tmp_path):
+@pytest.mark.parametrize("signal", ["TERM", "KILL"])
+def test_scancel_of_one_worker_job_while_another_lives(long_files, tmp_path, signal):
     """`integrate-slurm` with two GPU worker jobs; the one on gpu1 is scancelled while it
-    integrates a file. Its file ends up done (finished during the worker's warm shutdown, or
-    handed back by the supervisor and moved to gpu0): the job completes, the output equals a
-    clean run's, every file is done once."""
+    integrates a file. A plain scancel (SIGTERM) lets the worker finish its file in a warm
+    shutdown; with ``--signal=KILL`` the file is redone on gpu0, with no user action (the
+    supervisor moves it, or hands it back if it was left in flight). Either way the job
+    completes, the output equals a clean run's, and every file is done once."""
     require_slurm()
     url, prefix = redis_url(), unique_prefix("scancel")
     demo, clean_output = long_files
@@ -495,7 +497,7 @@ def test_scancel_of_one_worker_job_while_another_lives(long_files, tmp_path):
 
         name = wait_until(gpu1_busy, 240, "the gpu1 worker job integrating a file")
         (node,) = [n for n in live_nodes(app, prefix) if n.name == name]
-        subprocess.run(["scancel", node.slurm_job], check=True, timeout=30)
+        subprocess.run(["scancel", f"--signal={signal}", node.slurm_job], check=True, timeout=30)
         cancelled_at = time.monotonic()
         cli.wait(300)
         recovery = time.monotonic() - cancelled_at
@@ -510,8 +512,10 @@ def test_scancel_of_one_worker_job_while_another_lives(long_files, tmp_path):
     assert_same_scan(summary["outputs"][0], clean_output)
     done = registry.read_done(app.backend.client, prefix, summary["job_id"])
     assert len(done) == 2
-    how = "handed back and redone on gpu0" if "handed back" in stderr else "finished on gpu1"
+    queues = sorted(info["queue"].rsplit(".", 1)[1] for info in done.values())
     print(
-        f"scancel of the gpu1 job mid-file: its file was {how}; job done {recovery:.1f} s "
-        "after the scancel, 0 lost, 0 duplicated"
+        f"scancel --signal={signal} of the gpu1 job mid-file: files done on {queues}; job "
+        f"done {recovery:.1f} s after the scancel, 0 lost, 0 duplicated"
     )
+    assert queues == (["gpu0", "gpu1"] if signal == "TERM" else ["gpu0", "gpu0"]), stderr
+    assert f"worker gone: {name}" in stderr

@@ -315,23 +315,22 @@ def test_redis_restart_mid_job_with_aof(long_files, tmp_path):
     print(f"Redis restarted mid-file: job done {recovered:.1f} s after the stop, 0 lost")
 
 
-def test_sigkill_of_a_whole_worker_while_another_lives(long_files, tmp_path):
-    """Two GPU workers on a shared broker; the one on gpu1 is SIGKILLed with its whole
-    process tree mid-file. `requeue --stranded` hands its file back and moves it to gpu0,
-    where it is done; the output equals a clean run's and every file is done once."""
-    from tasks import registry
+@pytest.fixture
+def two_workers(long_files, tmp_path):
+    """Workers on a shared broker as on two machines: gpu0 (+ assembly) and gpu1 (+
+    assembly), each its own `workers local`; yields what a test needs to kill gpu1's."""
     from tasks.app import configure
     from worker_launcher.nodes import live_nodes
 
     from .services import redis_url, unique_prefix, wait_until
 
     url, prefix = redis_url(), unique_prefix("kill")
-    demo, clean_output = long_files
+    demo, _ = long_files
     config = edit_config(
         demo.config,
         {
             "output": {"location": str(tmp_path / "out")},
-            "queue": {"queue_prefix": prefix},
+            "queue": {"queue_prefix": prefix, "stranded_after": "1"},
             "computations distribution": {
                 "n_workers": "2",
                 "ai_engines_per_worker": "1",
@@ -342,7 +341,7 @@ def test_sigkill_of_a_whole_worker_while_another_lives(long_files, tmp_path):
     )
     env = {"RINGFLOW_BROKER_URL": url}
     survivor = spawn_cli("workers", "local", config, "--gpus", "0", env=env)
-    doomed = spawn_cli("workers", "local", config, "--gpus", "1", env=env)
+    doomed = spawn_cli("workers", "local", config, "--gpus", "1", "--first-slot", "1", env=env)
     try:
         app = configure(url)
 
@@ -350,29 +349,85 @@ def test_sigkill_of_a_whole_worker_while_another_lives(long_files, tmp_path):
             return {s for n in live_nodes(app, prefix) for s in n.slots(prefix)} == {0, 1}
 
         wait_until(both_up, 90, "gpu0 and gpu1 workers")
-        queued = run_cli("enqueue", config, env=env)
-        assert queued.returncode == 0, queued.stderr[-2000:]
-        job_id = queued.stdout.strip().splitlines()[-1]
-        busy_worker_child(doomed.pid, f"{prefix}.gpu1")
-        kill_tree(doomed.pid)
-        killed_at = time.monotonic()
-        requeued = run_cli("requeue", config, job_id, "--stranded", env=env)
-        assert requeued.returncode == 0, requeued.stderr[-2000:]
-        assert "handed back: 1 file(s) taken by workers that died" in requeued.stderr
-        assert "moved: 1 stranded file(s)" in requeued.stderr
-        final = run_cli("status", config, job_id, "--watch", "--json", env=env, timeout=240)
-        recovery = time.monotonic() - killed_at
-        assert final.returncode == 0, final.stderr[-2000:]
-        state = last_json(final.stdout)
-        assert state["counts"] == {"files": 2, "done": 2, "failed": 0, "retrying": 0, "pending": 0}
-        done = registry.read_done(app.backend.client, prefix, job_id)
-        assert {info["queue"] for info in done.values()} == {f"{prefix}.gpu0"}
+        yield app, prefix, config, env, doomed
     finally:
-        survivor.send_signal(2)
-        survivor.wait(60)
+        for cli in (survivor, doomed):
+            if cli.poll() is None:
+                cli.send_signal(2)
+                cli.wait(60)
+
+
+def kill_gpu1_mid_file(doomed, prefix: str) -> float:
+    busy_worker_child(doomed.pid, f"{prefix}.gpu1")
+    kill_tree(doomed.pid)
+    return time.monotonic()
+
+
+def assert_done_once_on_gpu0(app, prefix: str, job_id: str, tmp_path, clean_output) -> None:
+    from tasks import registry
+
+    done = registry.read_done(app.backend.client, prefix, job_id)
+    assert sorted(info["queue"] for info in done.values()) == [f"{prefix}.gpu0"] * 2
     (output,) = [str(p) for p in (tmp_path / "out").rglob("azint_*.h5")]
     assert_same_scan(output, clean_output)
+
+
+def test_sigkill_of_a_whole_worker_then_requeue_stranded(two_workers, long_files, tmp_path):
+    """The gpu1 worker is SIGKILLed with its whole process tree mid-file; with nobody
+    following the job, `requeue --stranded` hands its file back and moves it to gpu0."""
+    app, prefix, config, env, doomed = two_workers
+    queued = run_cli("enqueue", config, env=env)
+    assert queued.returncode == 0, queued.stderr[-2000:]
+    job_id = queued.stdout.strip().splitlines()[-1]
+    killed_at = kill_gpu1_mid_file(doomed, prefix)
+    requeued = run_cli("requeue", config, job_id, "--stranded", env=env)
+    assert requeued.returncode == 0, requeued.stderr[-2000:]
+    assert "handed back: 1 file(s) taken by workers that died" in requeued.stderr
+    assert "moved: 1 stranded file(s)" in requeued.stderr
+    final = run_cli("status", config, job_id, "--watch", "--json", env=env, timeout=240)
+    recovery = time.monotonic() - killed_at
+    assert final.returncode == 0, final.stderr[-2000:]
+    state = last_json(final.stdout)
+    assert state["counts"] == {"files": 2, "done": 2, "failed": 0, "retrying": 0, "pending": 0}
+    assert_done_once_on_gpu0(app, prefix, job_id, tmp_path, long_files[1])
     print(
         f"whole worker SIGKILLed: its file done on gpu0 {recovery:.1f} s after the kill "
         "(requeue --stranded), 0 lost, 0 duplicated"
+    )
+
+
+def test_sigkill_of_a_whole_worker_is_recovered_by_the_supervisor(
+    two_workers, long_files, tmp_path
+):
+    """Same kill while a client follows the job (as `integrate-slurm` does): its supervisor
+    sees the worker vanish, hands the file back and moves it to gpu0 with no user action."""
+    from tasks.config import Config
+    from tasks.jobs import plan_job
+    from worker_launcher.distributed import ClusterSupervisor, enqueue, job_outcomes
+
+    from .services import wait_until
+
+    app, prefix, config, env, doomed = two_workers
+    cfg = Config.from_file(config)
+    plan = plan_job(cfg)
+    enqueue(app, plan)
+    events: list[str] = []
+    supervisor = ClusterSupervisor(app, cfg, None, events.append)
+    supervisor.check()  # sees both workers alive
+    killed_at = kill_gpu1_mid_file(doomed, prefix)
+
+    def finished():
+        supervisor.check()
+        outcomes = job_outcomes(app, prefix, plan.job_id)
+        return all(outcomes.values()) and outcomes
+
+    outcomes = wait_until(finished, 180, "the job to finish on gpu0", interval=1.0)
+    recovery = time.monotonic() - killed_at
+    assert [o["status"] for o in outcomes.values()] == ["done"]
+    assert any(e.startswith("worker gone:") and f"{prefix}-gpu1-" in e for e in events), events
+    assert "1 file(s) taken by a dead worker handed back" in events, events
+    assert_done_once_on_gpu0(app, prefix, plan.job_id, tmp_path, long_files[1])
+    print(
+        f"whole worker SIGKILLed while followed: file handed back and done on gpu0 "
+        f"{recovery:.1f} s after the kill, 0 lost, 0 duplicated"
     )

@@ -65,12 +65,15 @@ class LocalWorkers:
             worker.process.wait(5)
 
 
-def local_specs(config: Config, gpus: list[str]) -> list[tuple[WorkerSpec, dict[str, str]]]:
-    """One integration worker per GPU id (slot k sees GPU gpus[k]) or one CPU worker (slot 0),
-    and one assembly worker."""
+def local_specs(
+    config: Config, gpus: list[str], first_slot: int = 0
+) -> list[tuple[WorkerSpec, dict[str, str]]]:
+    """One integration worker per GPU id (slot first_slot + k sees GPU gpus[k]) or one CPU
+    worker (slot first_slot), and one assembly worker."""
     specs = [
-        (gpu_spec(config, slot), {"CUDA_VISIBLE_DEVICES": gpu}) for slot, gpu in enumerate(gpus)
-    ] or [(gpu_spec(config, 0), {})]
+        (gpu_spec(config, first_slot + k), {"CUDA_VISIBLE_DEVICES": gpu})
+        for k, gpu in enumerate(gpus)
+    ] or [(gpu_spec(config, first_slot), {})]
     return specs + [(assemble_spec(config), {})]
 
 
@@ -80,6 +83,7 @@ def start_local_workers(
     folder: str,
     gpus: list[str] | None = None,
     on_start: Callable[[int, str], None] | None = None,
+    first_slot: int = 0,
 ) -> LocalWorkers:
     """Start the workers of :func:`local_specs`; scripts and logs go to ``folder``.
 
@@ -88,7 +92,7 @@ def start_local_workers(
     os.makedirs(folder, exist_ok=True)
     workers = LocalWorkers()
     try:
-        for spec, env in local_specs(config, gpus or []):
+        for spec, env in local_specs(config, gpus or [], first_slot):
             workers.workers.append(_start(config, spec, env, url_file, folder))
             if on_start:
                 on_start(workers.workers[-1].process.pid, spec.role)
