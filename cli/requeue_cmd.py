@@ -12,7 +12,7 @@ from worker_launcher.broker import shared_broker_url
 from worker_launcher.requeue import RequeueResult, Selection, requeue
 from worker_launcher.run import requeue_here
 
-from .common import EXIT_FAILED, EXIT_INTERRUPTED, load_config, say, user_errors
+from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, load_config, say, user_errors
 from .progress import frames_progress
 from .run_cmd import install_interrupt_handlers
 from .status_cmd import show
@@ -39,6 +39,9 @@ def requeue_cmd(
     """
     cfg = load_config(config)
     selection = Selection(failed, tuple(files or ()), tuple(scan or ()), stranded)
+    if selection.empty:
+        say("error", "nothing selected: give --failed, --file, --scan or --stranded")
+        raise typer.Exit(EXIT_USAGE)
     if cfg.broker_url():
         with user_errors():
             app = configure(shared_broker_url(cfg, "requeue"))

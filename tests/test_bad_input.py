@@ -91,3 +91,14 @@ def test_truncated_lima_file_fails_alone(small_demo, tmp_path):
     assert len(summary["outputs"]) == 1 and "scan0001" in summary["outputs"][0]
     assert [f["file"] for f in summary["files_failed"]] == [str(victim)]
     assert not list((tmp_path / "out").rglob("*scan0002*.h5"))
+
+
+def test_requeue_and_status_of_unknown_jobs(small_demo, tmp_path):
+    """On the embedded default: a job id never run there, a workspace with no job, and a
+    requeue with nothing selected each get one line and a non-zero exit."""
+    config = config_with(small_demo, tmp_path)
+    assert_clean_error(run_cli("status", config), "no job recorded", code=1)
+    assert_clean_error(
+        run_cli("requeue", config, "nosuchjob", "--failed"), "job nosuchjob: unknown", code=1
+    )
+    assert_clean_error(run_cli("requeue", config, "nosuchjob"), "nothing selected", code=2)

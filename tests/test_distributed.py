@@ -518,4 +518,4 @@ def test_scancel_of_one_worker_job_while_another_lives(long_files, tmp_path, sig
         f"done {recovery:.1f} s after the scancel, 0 lost, 0 duplicated"
     )
     assert queues == (["gpu0", "gpu1"] if signal == "TERM" else ["gpu0", "gpu0"]), stderr
-    assert f"worker gone: {name}" in stderr
+    assert signal == "TERM" or f"worker gone: {name}" in stderr

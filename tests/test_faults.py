@@ -6,6 +6,7 @@ missing and none duplicated.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -431,3 +432,59 @@ def test_sigkill_of_a_whole_worker_is_recovered_by_the_supervisor(
         f"whole worker SIGKILLed while followed: file handed back and done on gpu0 "
         f"{recovery:.1f} s after the kill, 0 lost, 0 duplicated"
     )
+
+
+def test_a_file_task_done_twice_gives_the_same_partial(small_demo, tmp_path):
+    """Redelivery is harmless: the real task body run twice on one file writes the same
+    partial, bit for bit, replaced whole (a new inode, no temporary file left)."""
+    from tasks.app import configure
+    from tasks.config import Config
+    from tasks.integrate import integrate_file
+    from tasks.jobs import plan_job
+    from worker_launcher.redis_server import start_embedded_redis
+
+    redis = start_embedded_redis(str(tmp_path / "redis"))
+    try:
+        configure(redis.url)
+        config = edit_config(
+            small_demo.config, {"output": {"location": str(tmp_path / "out")}}, tmp_path / "c.ini"
+        )
+        task = plan_job(Config.from_file(config)).file_tasks[0]
+
+        def run_once() -> tuple[dict, int]:
+            result = integrate_file.apply(args=(task.to_dict(),)).get(timeout=120)
+            assert result["status"] == "done", result
+            with h5py.File(task.partial) as h5:
+                content = {name: h5[name][()].tobytes() for name in h5}
+            return content, os.stat(task.partial).st_ino
+
+        (first, inode), (second, inode_again) = run_once(), run_once()
+    finally:
+        redis.stop()
+    assert first == second and set(first) >= {"intensity", "sigma", "source_frame"}
+    assert inode != inode_again  # renamed into place, never rewritten in place
+    assert os.listdir(os.path.dirname(task.partial)) == [os.path.basename(task.partial)]
+
+
+def test_status_during_a_run_and_a_second_run_refused(long_files, tmp_path):
+    """While `ringflow run` owns its workspace, `status` reads the live embedded broker
+    (workers listed, exit 0) and a second run of the same workspace is refused by name."""
+    demo, clean_output = long_files
+    out = tmp_path / "out"
+    config = edit_config(demo.config, {"output": {"location": str(out)}}, tmp_path / "s.ini")
+    run = spawn_cli("run", config, "--json")
+    try:
+        busy_worker_child(run.pid, "ringflow.gpu0")
+        status = run_cli("status", config, "--json")
+        second = run_cli("run", config)
+        stdout, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert status.returncode == 0, status.stderr[-2000:]
+    state = last_json(status.stdout)
+    assert state["state"] == "running" and len(state["workers"]) == 2, state
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert f"in use by ringflow process {run.pid}" in second.stderr, second.stderr
+    assert run.returncode == 0, stderr[-2000:]
+    assert_same_scan(last_json(stdout)["outputs"][0], clean_output)
