@@ -17,6 +17,7 @@ from tasks.registry import text
 
 from .distributed import scan_outcomes
 from .nodes import live_nodes
+from .watch import done_frames
 
 
 @dataclass
@@ -97,6 +98,8 @@ def job_status(app, prefix: str, job_id: str) -> JobStatus:
         "retrying": len(status.retrying),
         "pending": len(files) - len(done) - len(progress.failures),
     }
+    if not status.counts["pending"]:  # exact once nothing runs: the counter counts redone frames
+        status.frames_done = done_frames(done)
     status.frames_per_s = _rate(status, done)
     status.state = _job_state(status.scans)
     return status

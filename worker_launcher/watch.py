@@ -129,6 +129,11 @@ def watch(
     return outcomes
 
 
+def done_frames(done: dict[str, dict]) -> int:
+    """Frames of the files done, each counted once however many attempts it took."""
+    return sum(int(info.get("frames", 0)) for info in done.values())
+
+
 def _poll(app, plan: JobPlan, pending: dict, outcomes: dict) -> registry.Progress:
     """Move scans whose callback ended from ``pending`` to ``outcomes``; the job's counters."""
     for key, task_id in list(pending.items()):
@@ -148,16 +153,15 @@ def broker_down() -> tuple[type[BaseException], ...]:
 
 
 def summarise(summary: JobSummary, app, plan: JobPlan, outcomes: dict) -> None:
-    progress = registry.read_progress(
-        app.backend.client, plan.config.queue.queue_prefix, plan.job_id
-    )
-    summary.files_done = progress.files_done
-    summary.frames = progress.frames_done
+    client, prefix = app.backend.client, plan.config.queue.queue_prefix
+    progress = registry.read_progress(client, prefix, plan.job_id)
     summary.files_failed += [
         {"file": f["file"], "message": f["message"], "attempts": f.get("attempts", 1)}
         for f in progress.failures.values()
     ]
-    done = registry.read_done(app.backend.client, plan.config.queue.queue_prefix, plan.job_id)
+    done = registry.read_done(client, prefix, plan.job_id)
+    summary.files_done = len(done)  # exact: the live counters also count redone work
+    summary.frames = done_frames(done)
     summary.files_retried = {
         info["file"]: info["attempts"] for info in done.values() if info.get("attempts", 1) > 1
     }
