@@ -75,6 +75,7 @@ def workspace_broker(workspace: str) -> Iterator[WorkspaceBroker]:
         yield _running_broker(folder)
         return
     try:
+        _forget_url(folder)  # a killed owner's: others must not try it while this one starts
         stopped = tuple(stop_left_behind(folder))
         server = start_embedded_redis(folder, persistent=True)
         try:
@@ -84,12 +85,16 @@ def workspace_broker(workspace: str) -> Iterator[WorkspaceBroker]:
                 folder, server.url, url_file, owner=True, owner_pid=os.getpid(), stopped=stopped
             )
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(folder, URL))
+            _forget_url(folder)
             server.stop()  # SIGTERM: Redis flushes the AOF before it exits
             _forget_processes(folder)
     finally:
         lock.close()  # releases the flock
+
+
+def _forget_url(folder: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(folder, URL))
 
 
 def _take_lock(folder: str):

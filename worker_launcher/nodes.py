@@ -56,10 +56,14 @@ def forget_dead(app, prefix: str, alive: list[Node]) -> None:
 
 
 def held_tasks(app, timeout: float = 2 * INSPECT_TIMEOUT) -> set[str]:
-    """Ids of the tasks that answering workers are running or hold reserved."""
+    """Ids of the tasks that answering workers run, hold reserved, or hold until their retry
+    time (a retried file waits in its worker's memory, its message unacknowledged)."""
     inspect = app.control.inspect(timeout=timeout)
     held = set()
-    for replies in (inspect.active() or {}, inspect.reserved() or {}):
-        for tasks in replies.values():
-            held.update(task["id"] for task in tasks)
+    for tasks in (inspect.active() or {}).values():
+        held.update(task["id"] for task in tasks)
+    for tasks in (inspect.reserved() or {}).values():
+        held.update(task["id"] for task in tasks)
+    for tasks in (inspect.scheduled() or {}).values():
+        held.update(task["request"]["id"] for task in tasks)
     return held
