@@ -45,11 +45,12 @@ def frames_progress(
     of = f"/{n_files}" if n_files is not None else ""
     with Progress(*columns, console=err, disable=quiet, transient=False) as bar:
         task = bar.add_task(label, total=total, files=f"0{of}", rate=0.0, failed=0)
-        first: list[int] = []  # frames already done when following began (a requeued job)
+        baseline = None  # frames already done when following began (a requeued job)
 
         def update(progress, elapsed: float) -> None:
-            first[:] = first or [progress.frames_done]
-            new_frames = progress.frames_done - first[0]
+            nonlocal baseline
+            baseline = progress.frames_done if baseline is None else baseline
+            new_frames = progress.frames_done - baseline
             bar.update(
                 task,
                 completed=progress.frames_done,

@@ -39,9 +39,8 @@ def requeue_cmd(
     """
     cfg = load_config(config)
     selection = Selection(failed, tuple(files or ()), tuple(scan or ()), stranded)
-    if selection.empty:
-        say("error", "nothing selected: give --failed, --file, --scan or --stranded")
-        raise typer.Exit(EXIT_USAGE)
+    with user_errors(EXIT_USAGE):  # before any broker or worker is started
+        selection.check()
     if cfg.broker_url():
         with user_errors():
             app = configure(shared_broker_url(cfg, "requeue"))

@@ -15,18 +15,24 @@ import pytest
 from tasks.demo import DemoSpec, write_demo
 
 ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "cli.main"]
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    """What a user's shell gives ringflow: no broker URL inherited from the test run, this
+    checkout importable, a wide terminal (rich tables unwrapped); then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k != "RINGFLOW_BROKER_URL"}
+    return env | {"PYTHONPATH": str(ROOT), "COLUMNS": "200"} | (extra or {})
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300):
     """Run ``ringflow ARGS`` as a user would: a fresh process, real services."""
-    full_env = {k: v for k, v in os.environ.items() if k != "RINGFLOW_BROKER_URL"}
-    full_env.update(PYTHONPATH=str(ROOT), COLUMNS="200", **(env or {}))
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *map(str, args)],
+        [*CLI, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=full_env,
+        env=cli_env(env),
         cwd=ROOT,
     )
 
@@ -61,15 +67,13 @@ def copy_dataset(demo, folder: Path) -> Path:
 
 def spawn_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
     """A ringflow command left running, as a user's terminal would."""
-    full_env = {k: v for k, v in os.environ.items() if k != "RINGFLOW_BROKER_URL"}
-    full_env.update(PYTHONPATH=str(ROOT), COLUMNS="200", **(env or {}))
     return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *map(str, args)],
+        [*CLI, *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=str(ROOT),
-        env=full_env,
+        env=cli_env(env),
     )
 
 

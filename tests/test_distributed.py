@@ -23,7 +23,16 @@ from tasks.app import configure
 from worker_launcher.distributed import ClusterSupervisor, enqueue, job_outcomes
 from worker_launcher.nodes import live_nodes
 
-from .conftest import ROOT, assert_same_scan, copy_dataset, edit_config, last_json, run_cli
+from .conftest import (
+    CLI,
+    ROOT,
+    assert_same_scan,
+    cli_env,
+    copy_dataset,
+    edit_config,
+    last_json,
+    run_cli,
+)
 from .services import redis_url, require_slurm, squeue_names, unique_prefix, wait_until
 
 pytestmark = pytest.mark.service
@@ -293,22 +302,10 @@ def test_flower_requires_auth_and_shows_workers_and_tasks(small_demo, tmp_path):
     assert "flower-pw-123" not in logs
 
 
-PYTHON_CLI = [__import__("sys").executable, "-m", "cli.main"]
-
-
-def cli_env(extra: dict) -> dict:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "RINGFLOW_BROKER_URL"}
-    return env | {"PYTHONPATH": str(ROOT)} | extra
-
-
 def start_cli(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     """A long-running ringflow command; its stdout/stderr go to log.out / log.err."""
     with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
-        return subprocess.Popen(
-            [*PYTHON_CLI, *args], env=cli_env(env), cwd=ROOT, stdout=out, stderr=err
-        )
+        return subprocess.Popen([*CLI, *args], env=cli_env(env), cwd=ROOT, stdout=out, stderr=err)
 
 
 def free_port() -> int:

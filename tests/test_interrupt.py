@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from .conftest import ROOT, edit_config
+from .conftest import edit_config, spawn_cli
 
 pytestmark = pytest.mark.service
 
@@ -23,15 +21,7 @@ def test_ctrl_c_stops_workers_and_broker(small_demo, tmp_path):
     config = edit_config(
         small_demo.config, {"output": {"location": str(tmp_path / "out")}}, tmp_path / "c.ini"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RINGFLOW_BROKER_URL"}
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "run", str(config)],
-        cwd=ROOT,
-        env=dict(env, PYTHONPATH=str(ROOT)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    cli = spawn_cli("run", config)
     logs = tmp_path / "out" / ".ringflow" / "logs"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (

@@ -35,6 +35,10 @@ class Selection:
     def empty(self) -> bool:
         return not (self.failed or self.files or self.scans or self.stranded)
 
+    def check(self) -> None:
+        if self.empty:
+            raise RingflowError("nothing selected: give --failed, --file, --scan or --stranded")
+
 
 @dataclass
 class RequeueResult:
@@ -58,8 +62,7 @@ def requeue(
 
     ``nodes``: the live workers, when the caller has just asked.
     """
-    if selection.empty:
-        raise RingflowError("nothing selected: give --failed, --file, --scan or --stranded")
+    selection.check()
     client, prefix = app.backend.client, config.queue.queue_prefix
     manifest = registry.read_manifest(client, prefix, job_id)
     if not manifest:
