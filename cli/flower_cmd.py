@@ -13,7 +13,7 @@ from worker_launcher.flower import flower_command
 from worker_launcher.watch import raise_if_stopped
 
 from .common import EXIT_INTERRUPTED, load_config, say, user_errors
-from .run_cmd import install_interrupt_handlers
+from .run_cmd import ignore_further_interrupts, install_interrupt_handlers
 
 
 def flower(
@@ -38,6 +38,7 @@ def flower(
             raise_if_stopped()
             time.sleep(0.5)
     except KeyboardInterrupt:
+        ignore_further_interrupts()
         process.terminate()
         process.wait(10)
         raise typer.Exit(EXIT_INTERRUPTED) from None

@@ -14,7 +14,7 @@ from worker_launcher.run import requeue_here
 
 from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, load_config, say, user_errors
 from .progress import frames_progress
-from .run_cmd import install_interrupt_handlers
+from .run_cmd import ignore_further_interrupts, install_interrupt_handlers
 from .status_cmd import show
 
 
@@ -57,6 +57,7 @@ def requeue_locally(cfg: Config, job: str, selection: Selection) -> int:
         with user_errors(), frames_progress(f"job {job}") as update:
             result, final = requeue_here(cfg, job, selection, update)
     except KeyboardInterrupt:
+        ignore_further_interrupts()
         say("interrupted", "workers and broker stopped")
         return EXIT_INTERRUPTED
     tell(result)

@@ -35,6 +35,7 @@ def execute(config: Config, as_json: bool = False) -> int:
             with job_progress(plan, quiet=as_json) as update:
                 summary = run_plan(config, plan, update)
     except KeyboardInterrupt:
+        ignore_further_interrupts()
         say("interrupted", "workers and broker stopped")
         return EXIT_INTERRUPTED
     report(summary, as_json)
@@ -75,3 +76,9 @@ def install_interrupt_handlers() -> None:
     """Ctrl-C and SIGTERM both stop the command cleanly, even if the first raise is lost."""
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
+
+
+def ignore_further_interrupts() -> None:
+    """Once the command is stopping, another Ctrl-C must not turn into a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

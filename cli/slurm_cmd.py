@@ -11,7 +11,7 @@ from worker_launcher.distributed import integrate_on_slurm
 
 from .common import EXIT_FAILED, EXIT_INTERRUPTED, load_config, say, user_errors
 from .progress import job_progress, report
-from .run_cmd import install_interrupt_handlers, plan_or_fail
+from .run_cmd import ignore_further_interrupts, install_interrupt_handlers, plan_or_fail
 
 
 def integrate_slurm(
@@ -33,6 +33,7 @@ def integrate_slurm(
                     cfg, plan, url, keep_workers, update, lambda text: say("slurm", text)
                 )
     except KeyboardInterrupt:
+        ignore_further_interrupts()
         say("interrupted", "stopped following the job; worker jobs cancelled unless kept")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     report(summary, as_json)

@@ -17,7 +17,7 @@ from worker_launcher.status import JobStatus, job_status, latest_job
 from worker_launcher.watch import raise_if_stopped
 
 from .common import EXIT_FAILED, EXIT_INTERRUPTED, err, load_config, say, user_errors
-from .run_cmd import install_interrupt_handlers
+from .run_cmd import ignore_further_interrupts, install_interrupt_handlers
 
 WATCH_INTERVAL = 2.0
 
@@ -50,6 +50,7 @@ def status(
                 raise_if_stopped()
                 current = job_status(app, prefix, job_id)
         except KeyboardInterrupt:
+            ignore_further_interrupts()
             raise typer.Exit(EXIT_INTERRUPTED) from None
         if broker.owner and current.state == "running":  # its run was killed
             current.state = "interrupted"

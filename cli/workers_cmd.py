@@ -16,10 +16,10 @@ from worker_launcher.broker import shared_broker_url, write_url_file
 from worker_launcher.local import start_local_workers, visible_gpus
 from worker_launcher.nodes import forget_dead, live_nodes
 from worker_launcher.slurm import SlurmLauncher
-from worker_launcher.watch import raise_if_stopped, uninterruptible
+from worker_launcher.watch import interrupts_deferred, raise_if_stopped, uninterruptible
 
 from .common import EXIT_INTERRUPTED, err, load_config, say, user_errors
-from .run_cmd import install_interrupt_handlers
+from .run_cmd import ignore_further_interrupts, install_interrupt_handlers
 
 app = typer.Typer(help="Start, list and stop the deployment's workers.", no_args_is_help=True)
 CONFIG = typer.Argument(..., help="Configuration file (INI).")
@@ -134,7 +134,8 @@ def local(
             launcher = SlurmLauncher(cfg)  # same folder layout as SLURM workers
             url_file = write_url_file(launcher.folder, url)
             logs = f"{launcher.folder}/logs/local"
-            workers = start_local_workers(cfg, url_file, logs, ids, first_slot=first_slot)
+            with interrupts_deferred():
+                workers = start_local_workers(cfg, url_file, logs, ids, first_slot=first_slot)
             for worker in workers.workers:
                 say("started", f"{worker.name} (log {worker.log})")
             while True:
@@ -142,6 +143,7 @@ def local(
                 raise_if_stopped()
                 time.sleep(1.0)
     except KeyboardInterrupt:
+        ignore_further_interrupts()
         say("interrupted", "stopping the workers")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:

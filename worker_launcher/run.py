@@ -27,7 +27,14 @@ from .local import LocalWorkers, start_local_workers
 from .recovery import restore_orphans
 from .requeue import RequeueResult, Selection, requeue
 from .status import JobStatus, job_status
-from .watch import JobSummary, new_summary, summarise, uninterruptible, watch
+from .watch import (
+    JobSummary,
+    interrupts_deferred,
+    new_summary,
+    summarise,
+    uninterruptible,
+    watch,
+)
 
 
 @dataclass
@@ -47,7 +54,8 @@ def local_services(config: Config, space: str) -> Iterator[LocalServices]:
     """
     stack = contextlib.ExitStack()
     try:
-        broker = stack.enter_context(job_broker(config.broker_url(), space))
+        with interrupts_deferred():
+            broker = stack.enter_context(job_broker(config.broker_url(), space))
         if broker.embedded and not broker.owner:
             raise BrokerError(
                 f"{broker.folder}: the job broker of this workspace is in use by ringflow "
@@ -57,8 +65,9 @@ def local_services(config: Config, space: str) -> Iterator[LocalServices]:
         prefix = config.queue.queue_prefix
         handed_back = restore_orphans(app, prefix, no_worker_alive=True) if broker.owner else []
         logs = os.path.join(space, "logs")
-        workers = start_local_workers(config, broker.url_file, logs, on_start=broker.record)
-        stack.callback(workers.stop)
+        with interrupts_deferred():
+            workers = start_local_workers(config, broker.url_file, logs, on_start=broker.record)
+            stack.callback(workers.stop)
         yield LocalServices(app, broker, workers, handed_back)
     finally:
         with uninterruptible():  # a second Ctrl-C must not leave orphans behind

@@ -42,6 +42,31 @@ def uninterruptible():
             signal.signal(signal.SIGINT, previous)
 
 
+@contextmanager
+def interrupts_deferred():
+    """Ctrl-C or SIGTERM during the block raise KeyboardInterrupt at its end, not inside it.
+
+    For starting processes: an interrupt between a start and its bookkeeping would leave a
+    process nobody stops.
+    """
+    caught: list[int] = []
+    try:
+        previous = {
+            sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+    except ValueError:  # not the main thread: nothing to protect
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        STOP.set()
+        raise KeyboardInterrupt
+
+
 class Supervisor(Protocol):
     def check(self) -> None:
         """Raise WorkerError when the job cannot finish (workers dead); may fix queues."""
