@@ -45,7 +45,7 @@ def _settings(broker_url: str | None, time_limit: int) -> dict:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         task_track_started=True,
-        task_send_sent_event=True,
+        task_send_sent_event=False,  # one more publish per task; workers report "received"
         worker_send_task_events=True,
         worker_proc_alive_timeout=60,
     )

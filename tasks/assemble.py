@@ -16,6 +16,7 @@ import warnings
 import h5py
 import numpy as np
 
+from . import registry
 from .app import app
 from .config import Config
 from .errors import RingflowError
@@ -31,7 +32,11 @@ CORRECTED_BATCH_BYTES = 32 * 2**20  # raw frames read at once for save_corrected
 
 @app.task(name="ringflow.assemble_scan")
 def assemble_scan(results: list[dict], payload: dict) -> dict:
-    scan = ScanTask.from_dict(payload)
+    try:
+        scan = ScanTask.from_dict(_dereference(payload))
+    except RingflowError as exc:
+        key = payload.get("ref", {}).get("scan_key")
+        return {"status": "failed", "scan": key, "error": type(exc).__name__, "message": str(exc)}
     start = time.monotonic()
     failed = [r for r in results if r.get("status") != "done"]
     if failed:
@@ -68,6 +73,17 @@ def assemble_scan(results: list[dict], payload: dict) -> dict:
         "frames": int(result.intensity.shape[0]),
         "seconds": round(time.monotonic() - start, 3),
     }
+
+
+def _dereference(payload: dict) -> dict:
+    """The scan's payload: given, or read from the job's registry (see payloads.scan_ref)."""
+    ref = payload.get("ref")
+    if ref is None:
+        return payload
+    scans = registry.read_scans(app.backend.client, ref["prefix"], ref["job_id"])
+    if ref["scan_key"] not in scans:
+        raise RingflowError(f"job {ref['job_id']}: scan {ref['scan_key']} not in the registry")
+    return scans[ref["scan_key"]]["scan"]
 
 
 def build_result(scan: ScanTask, config: Config) -> ScanResult:

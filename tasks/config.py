@@ -374,6 +374,13 @@ class ComputationsConfig:
     cores_per_worker: int = option(
         "cores_per_worker", _int(1), "CPU threads per integration process.", 4
     )
+    engine_memory_mb: int = option(
+        "engine_memory_mb",
+        _int(64),
+        "ringflow: memory one integration process may hold for frame batches (read ahead, "
+        "converted and integrated); sets the batch size.",
+        1024,
+    )
     time: str = option("time", _timelimit, "SLURM time limit per worker job.", "01:00:00")
     memory_per_worker: str = option(
         "memory_per_worker", _memory, "SLURM memory per worker job.", "100GB"

@@ -13,13 +13,16 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
+from .batched import BatchIntegrator, BatchResult, Preprocessing
 from .config import Config, ConfigError, IntegrationConfig
 from .errors import InputDataError
-from .readers import read_image
+from .readers import RING, read_image
 
 log = logging.getLogger(__name__)
 FULL_CIRCLE = (-180.0, 180.0)
+MAX_BATCH = 128  # frames: beyond this a batch only costs memory
 
 
 @dataclass(frozen=True)
@@ -129,10 +132,17 @@ def attenuation(ai, ai_config: IntegrationConfig) -> np.ndarray:
 
 
 class Engine:
-    """Integrates frames with one configuration; cheap to call once built."""
+    """Integrates frames with one configuration; cheap to call once built.
 
-    def __init__(self, config: Config):
+    Batches go through :mod:`.batched` (pyFAI's CSR matrix, many frames per product) when
+    pyFAI's cython CSR engine is what the configuration asks for and its error model is one a
+    batch can propagate; otherwise each frame goes through pyFAI, as :meth:`integrate` does.
+    """
+
+    def __init__(self, config: Config, threads: int | None = None):
         self.config = config.integration
+        self.threads = threads or config.computations.cores_per_worker
+        self.memory = config.computations.engine_memory_mb * 2**20
         self.method = engine_method(self.config, config.computations.cpu_fallback)
         self.ai = load_geometry(self.config)
         self.shape = tuple(self.ai.detector.shape)
@@ -142,6 +152,10 @@ class Engine:
         )
         self.kwargs = self._kwargs()  # once: in 2D it folds absorption into a full-size flat
         self.radial, self.azimuthal = self._axes()
+        self.why_not_batched = self._why_not_batched()
+        self._batchers: dict[tuple, BatchIntegrator] = {}
+        if self.why_not_batched:
+            log.info("frames integrated one by one by pyFAI: %s", self.why_not_batched)
 
     @property
     def is_2d(self) -> bool:
@@ -189,6 +203,96 @@ class Engine:
         sigma = None if res.sigma is None else np.asarray(res.sigma, dtype=np.float32)
         return FrameResult(np.asarray(res.intensity, dtype=np.float32), sigma)
 
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        c = self.config
+        return (c.n_slices, c.n_pts) if self.is_2d else (c.n_pts,)
+
+    @property
+    def has_sigma(self) -> bool:
+        return bool(self.config.error_model) and self.config.error_model != "none"
+
+    def batch_size(self, itemsize: int) -> int:
+        """Frames per batch so that an engine's batches fit ``engine_memory_mb``: the reader's
+        ring of raw batches, the float32 signal and variance, the per-bin results."""
+        pixels = int(np.prod(self.shape))
+        bins = int(np.prod(self.row_shape))
+        per_frame = pixels * (RING * itemsize + 4 + 4 * self.has_sigma) + bins * 4 * 8
+        return int(max(1, min(MAX_BATCH, self.memory // per_frame)))
+
+    def integrate_batch(self, frames: np.ndarray, monitor: np.ndarray) -> BatchResult:
+        """Integrate ``frames`` (n, *shape), frame k divided by ``monitor[k]``, in order."""
+        if self.why_not_batched:
+            results = [self.integrate(f, float(m)) for f, m in zip(frames, monitor, strict=True)]
+            sigma = None if results[0].sigma is None else np.stack([r.sigma for r in results])
+            return BatchResult(np.stack([r.intensity for r in results]), sigma)
+        return self._batcher(frames).integrate(frames, monitor)
+
+    def _why_not_batched(self) -> str:
+        split, algo, impl = _method_tuple(self.method)
+        if (algo, impl) != ("csr", "cython"):
+            return f"method {split}/{algo}/{impl} (batches need the cython CSR engine)"
+        model = (self.config.error_model or "none").lower()
+        if model not in ("none", "poisson", "hybrid"):
+            return f"error model {model} needs each frame's azimuthal average"
+        if self._csr() is None:
+            return "pyFAI built no CSR matrix for this configuration"
+        return ""
+
+    def _csr(self):
+        """pyFAI's own cython CSR engine for this configuration (built by :meth:`_axes`)."""
+        dim = 2 if self.is_2d else 1
+        for method, engine in self.ai.engines.items():
+            if (
+                getattr(method, "dimension", None) == dim
+                and _method_tuple(method)[1:] == ("csr", "cython")
+                and getattr(engine, "engine", None) is not None
+            ):
+                return engine.engine
+        return None
+
+    def _batcher(self, frames: np.ndarray) -> BatchIntegrator:
+        """The batch integrator for this frame type: pyFAI's dummy depends on the dtype."""
+        dummy, delta = self.ai.detector.get_dummies(frames[:1])
+        key = (None if dummy is None else float(dummy), None if delta is None else float(delta))
+        if key not in self._batchers:
+            self._batchers.clear()
+            self._batchers[key] = self._build_batcher(*key)
+        return self._batchers[key]
+
+    def _build_batcher(self, dummy: float | None, delta: float | None) -> BatchIntegrator:
+        c, kw, shape = self.config, self.kwargs, self.shape
+        csr = self._csr()
+        data, indices, indptr = csr.lut
+        matrix = sp.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, csr.size))
+        dark = kw["dark"] if kw["dark"] is not None else self.ai.detector.darkcurrent
+        norm = np.ones(int(np.prod(shape)), dtype=np.float32)
+        factors = [kw["flat"]]
+        if c.polarization_factor is not None:
+            factors.append(self.ai.polarization(shape, c.polarization_factor))
+        if c.correct_solid_angle:
+            factors.append(self.ai.solidAngleArray(shape, True))
+        factors.append(kw.get("absorption"))
+        for factor in factors:
+            if factor is not None:
+                norm *= np.ascontiguousarray(factor, dtype=np.float32).ravel()
+        if dummy is not None:  # pyFAI leaves out pixels whose dark or flat is the dummy
+            for image in (dark, kw["flat"]):
+                if image is not None:
+                    hit = np.abs(np.asarray(image, np.float32).ravel() - np.float32(dummy))
+                    norm[hit <= np.float32(delta or 0.0)] = 0
+        model = (c.error_model or "none").lower()
+        prep = Preprocessing(
+            dark=None if dark is None else np.ascontiguousarray(dark, np.float32).ravel(),
+            normalization=norm,
+            dummy=dummy,
+            delta_dummy=delta,
+            poisson=model in ("poisson", "hybrid"),
+            empty=float(self.ai._empty),
+        )
+        out = (c.n_slices, c.n_pts) if self.is_2d else (c.n_pts,)
+        return BatchIntegrator(matrix, prep, out, self.threads)
+
     def _axes(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Radial (and azimuthal) bin centres, from one integration of a blank frame."""
         blank = np.zeros(self.shape, dtype=np.float32)
@@ -199,6 +303,13 @@ class Engine:
             return np.asarray(res.radial), np.asarray(res.azimuthal)
         res = self.ai.integrate1d_ng(blank, c.n_pts, **kwargs)
         return np.asarray(res.radial), None
+
+
+def _method_tuple(method) -> tuple[str, str, str]:
+    """(split, algo, impl) of a pyFAI IntegrationMethod or of a 3-tuple."""
+    if isinstance(method, tuple):
+        return tuple(str(m).lower() for m in method)
+    return (method.split_lower, method.algo_lower, method.impl_lower)
 
 
 class Corrector:

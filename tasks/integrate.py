@@ -104,35 +104,33 @@ def _where(request) -> dict:
 
 def _integrate(task: FileTask, config, client) -> int:
     from .engine import engine_for  # pyFAI loads here, in the worker's child process
-    from .partials import Partial, write_partial
-    from .readers import iter_batches, open_frames
+    from .partials import partial_writer
+    from .readers import BatchReader, open_frames
 
     engine = engine_for(config)
-    rows, sigmas, norms = [], [], []
-    monitor = task.monitor
-    with open_frames(task.path, task.dataset, engine.shape) as dset:
-        for first, batch in iter_batches(dset, task.src_start, task.n_frames):
-            for offset, frame in enumerate(batch):
-                row = first - task.src_start + offset
-                norm = 1.0 if monitor is None else float(monitor[row])
-                result = engine.integrate(frame, norm)
-                rows.append(result.intensity)
-                sigmas.append(result.sigma)
-                norms.append(norm)
-            registry.add_frames(client, task.prefix, task.job_id, len(batch))
-    if not rows:
+    if task.n_frames == 0:
         raise InputDataError(task.path, f"no frames in {task.dataset}")
-    partial = Partial(
-        intensity=np.stack(rows),
-        sigma=None if sigmas[0] is None else np.stack(sigmas),
-        radial=engine.radial,
-        azimuthal=engine.azimuthal,
-        source_file=task.path,
-        source_dataset=task.dataset,
-        source_frame=np.arange(task.src_start, task.src_start + task.n_frames),
-        normalization=np.asarray(norms, dtype=np.float64),
-    )
-    write_partial(task.partial, partial)
+    norms = np.ones(task.n_frames) if task.monitor is None else np.asarray(task.monitor, float)
+    with open_frames(task.path, task.dataset, engine.shape) as dset:
+        batch = engine.batch_size(dset.dtype.itemsize)
+        reader = BatchReader(dset, task.src_start, task.n_frames, batch, engine.threads)
+        with partial_writer(
+            task.partial,
+            task.n_frames,
+            engine.row_shape,
+            engine.has_sigma,
+            radial=engine.radial,
+            azimuthal=engine.azimuthal,
+            source_file=task.path,
+            source_dataset=task.dataset,
+            source_frame=np.arange(task.src_start, task.src_start + task.n_frames),
+            normalization=norms,
+        ) as out:
+            for first, frames in reader:
+                row = first - task.src_start
+                result = engine.integrate_batch(frames, norms[row : row + len(frames)])
+                out.write(row, result.intensity, result.sigma)
+                registry.add_frames(client, task.prefix, task.job_id, len(frames))
     return task.n_frames
 
 

@@ -6,6 +6,7 @@ enqueued; problems with single files or scans are collected so the rest of the j
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import uuid
@@ -18,8 +19,10 @@ from .config import Config
 from .discovery import Scan, discover
 from .errors import DiscoveryError, InputDataError, RingflowError
 from .outputs import must_process, output_path, workspace
-from .payloads import FileTask, ScanTask
+from .payloads import FileTask, ScanTask, scan_ref
 from .writers import make_dirs
+
+PUBLISH_BATCH = 500  # Redis commands pipelined per round trip when enqueueing
 
 
 @dataclass
@@ -173,22 +176,51 @@ def submit(app, plan: JobPlan, slots: list[int] | None = None) -> dict[str, str]
     registry.register_job(
         app.backend.client, prefix, plan.job_id, manifest, scans, plan.config.queue.job_ttl_s
     )
+    send_chords(
+        app,
+        prefix,
+        plan.job_id,
+        [
+            (scan.scan_key, [manifest[f.task_id] for f in files], callbacks[scan.scan_key])
+            for scan, files in plan.scans
+        ],
+    )
+    return callbacks
+
+
+def send_chords(app, prefix: str, job_id: str, scans: list[tuple[str, list[dict], str]]) -> None:
+    """One chord per scan: (scan key, its file payloads each with its "slot", callback id).
+
+    The callback carries a reference to the scan's registered payload, not the payload; all
+    messages go through one producer; the argument repr Celery puts in each message's headers
+    is the file's path, not the whole payload. Messages are pipelined, and sent when the
+    block ends: an error before then sends none of the unflushed ones.
+    """
     app.loader.import_default_modules()  # registers the tasks named in app's include
     integrate_file = app.tasks["ringflow.integrate_file"]
     assemble_scan = app.tasks["ringflow.assemble_scan"]
-    for scan, files in plan.scans:
-        header = [
-            integrate_file.s(task.to_dict()).set(
-                queue=keys.gpu_queue(prefix, placement[task.task_id]), task_id=task.task_id
+    with app.producer_or_acquire() as producer, _batched(producer):
+        for scan_key, payloads, callback in scans:
+            header = [
+                integrate_file.s(payload).set(
+                    queue=keys.gpu_queue(prefix, payload["slot"]),
+                    task_id=payload["task_id"],
+                    argsrepr=repr(payload["path"]),
+                    kwargsrepr="{}",
+                )
+                for payload in payloads
+            ]
+            body = assemble_scan.s(scan_ref(prefix, job_id, scan_key)).set(
+                queue=keys.assemble_queue(prefix), task_id=callback, argsrepr=repr(scan_key)
             )
-            for task in files
-        ]
-        body = assemble_scan.s(scan.to_dict()).set(
-            queue=keys.assemble_queue(prefix), task_id=callbacks[scan.scan_key]
-        )
-        chord(header)(body)
+            chord(header, body).apply_async(producer=producer)
     stop_result_subscriptions(app)
-    return callbacks
+
+
+def _batched(producer):
+    """kombu >= 5.7 pipelines a producer's publishes (one round trip per 500 messages)."""
+    batch = getattr(producer, "batch", None)
+    return batch(max_size=PUBLISH_BATCH) if batch else contextlib.nullcontext()
 
 
 def stop_result_subscriptions(app) -> None:

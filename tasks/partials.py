@@ -63,6 +63,48 @@ def write_partial(path: str, part: Partial) -> None:
         h5.attrs["source_dataset"] = part.source_dataset
 
 
+class PartialWriter:
+    """A partial written batch by batch: an engine holds one batch of rows, not a file's."""
+
+    def __init__(self, h5: h5py.File, rows: int, row_shape: tuple[int, ...], sigma: bool):
+        self.h5 = h5
+        self.intensity = h5.create_dataset("intensity", (rows, *row_shape), np.float32)
+        self.sigma = h5.create_dataset("sigma", (rows, *row_shape), np.float32) if sigma else None
+
+    def write(self, row: int, intensity: np.ndarray, sigma: np.ndarray | None) -> None:
+        self.intensity[row : row + len(intensity)] = intensity
+        if self.sigma is not None:
+            self.sigma[row : row + len(sigma)] = sigma
+
+
+@contextmanager
+def partial_writer(
+    path: str,
+    rows: int,
+    row_shape: tuple[int, ...],
+    sigma: bool,
+    *,
+    radial: np.ndarray,
+    azimuthal: np.ndarray | None,
+    source_file: str,
+    source_dataset: str,
+    source_frame: np.ndarray,
+    normalization: np.ndarray,
+) -> Iterator[PartialWriter]:
+    """Rows go in through the yielded writer; the partial appears at ``path`` complete or not at
+    all, as :func:`write_partial`'s."""
+    with atomic_h5(path) as h5:
+        writer = PartialWriter(h5, rows, row_shape, sigma)
+        yield writer
+        h5["radial"] = radial
+        if azimuthal is not None:
+            h5["azimuthal"] = azimuthal
+        h5["source_frame"] = source_frame
+        h5["normalization"] = normalization
+        h5.attrs["source_file"] = source_file
+        h5.attrs["source_dataset"] = source_dataset
+
+
 @contextmanager
 def _opened(path: str) -> Iterator[h5py.File]:
     """A partial open for reading; any failure to read it names the file."""

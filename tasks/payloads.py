@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 from .config import Config
 
 
 class _Payload:
     def to_dict(self) -> dict:
-        return asdict(self)
+        """A shallow dict (the config mapping is shared, not copied): enqueueing 10,000 files
+        converts 10,000 payloads, and asdict's deep copy of each config was most of the cost."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict):
@@ -38,6 +40,15 @@ class FileTask(_Payload):
     config: dict
     config_source: str = ""
     monitor: list[float] | None = None
+
+
+def scan_ref(prefix: str, job_id: str, scan_key: str) -> dict:
+    """What the chord callback message carries: the scan's payload is in the job's registry.
+
+    Celery copies the callback into every file's message; a full ScanTask (every partial path
+    and the configuration) made message size grow with the square of the scan's file count.
+    """
+    return {"ref": {"prefix": prefix, "job_id": job_id, "scan_key": scan_key}}
 
 
 @dataclass

@@ -1,9 +1,21 @@
-"""Reading Lima frames in bounded batches; every error names the file and dataset."""
+"""Reading Lima frames in bounded batches; every error names the file and dataset.
+
+:class:`BatchReader` is the engine's read path: it reads the next batch while the caller
+integrates the current one. Bitshuffle-LZ4 chunks of whole frames (Lima's layout) are read
+raw with ``read_direct_chunk`` and decompressed in a thread pool (the bitshuffle library
+releases the GIL; h5py's filter pipeline runs under h5py's global lock, one chunk at a time).
+Any other layout or filter is read by h5py in the read-ahead thread. Batches live in a ring of
+three buffers, reused: memory does not grow with file length.
+"""
 
 from __future__ import annotations
 
 import errno
+import queue
+import struct
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import h5py
@@ -13,6 +25,9 @@ import numpy as np
 from .errors import InputDataError, TransientInputError
 
 BATCH_BYTES = 256 * 2**20  # raw frame bytes held per batch: bounds an engine's memory
+BITSHUFFLE = 32008  # HDF5 filter id; its 5th parameter is 2 for LZ4
+RING = 3  # batch buffers: one integrated, one filled, one ready
+WAIT_S = 600.0  # longest wait for one batch: a read that hangs this long is an error
 # errnos of a file that is not there yet, still locked by its writer, or on a flaky mount
 TRANSIENT_ERRNOS = {
     errno.ENOENT, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.EIO, errno.ESTALE,
@@ -50,12 +65,8 @@ def iter_batches(
     dset: h5py.Dataset, start: int, count: int, size: int | None = None
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(first frame index, frames) for frames start..start+count of ``dset``, in order."""
+    _check_range(dset, start, count)
     stop = start + count
-    if stop > dset.shape[0]:
-        raise InputDataError(
-            dset.file.filename,
-            f"{dset.name} has {dset.shape[0]} frames, the scan expects at least {stop}",
-        )
     size = size or batch_size(dset.shape[1:], dset.dtype.itemsize)
     for first in range(start, stop, size):
         last = min(first + size, stop)
@@ -67,6 +78,180 @@ def iter_batches(
                 f"frames {first}-{last - 1} of {dset.name} unreadable: {_reason(exc)}",
                 exc,
             ) from None
+
+
+class BatchReader:
+    """Frames ``start .. start + count`` of ``dset`` as (first index, frames) batches, in order.
+
+    A batch stays valid until the next one is asked for (its buffer is then reused).
+    """
+
+    def __init__(
+        self,
+        dset: h5py.Dataset,
+        start: int,
+        count: int,
+        batch: int,
+        threads: int = 1,
+        ahead: bool = True,
+    ):
+        _check_range(dset, start, count)
+        self.dset, self.start, self.stop = dset, start, start + count
+        self.batch = max(1, min(batch, count))
+        self.threads = max(1, threads)
+        self.direct = whole_frame_chunks(dset) and bitshuffle_lz4(dset)
+        self.path = dset.file.filename
+        self.ahead = ahead
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        if not self.ahead:
+            yield from self._in_turn()
+            return
+        free: queue.Queue = queue.Queue()
+        ready: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        frame = self.dset.shape[1:]
+        for _ in range(min(RING, -(-(self.stop - self.start) // self.batch))):
+            free.put(np.empty((self.batch, *frame), dtype=self.dset.dtype))
+        pool = ThreadPoolExecutor(self.threads, "ringflow-read", initializer=_one_omp_thread)
+        reader = threading.Thread(
+            target=self._read_ahead, args=(free, ready, stop, pool), daemon=True
+        )
+        reader.start()
+        try:
+            for _ in range(self.start, self.stop, self.batch):
+                first, frames, buffer, error = _get(ready, reader, self.path)
+                if error is not None:
+                    raise error
+                yield first, frames
+                free.put(buffer)
+        finally:
+            stop.set()
+            free.put(None)  # wakes a reader waiting for a buffer
+            reader.join(WAIT_S)
+            pool.shutdown(wait=True)
+
+    def _in_turn(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Each batch read when asked for, in the caller's thread, into one kept buffer."""
+        buffer = np.empty((self.batch, *self.dset.shape[1:]), dtype=self.dset.dtype)
+        for first in range(self.start, self.stop, self.batch):
+            last = min(first + self.batch, self.stop)
+            frames = buffer[: last - first]
+            self._fill(first, last, frames, None)
+            yield first, frames
+
+    def _fill(self, first: int, last: int, frames: np.ndarray, pool) -> None:
+        try:
+            if self.direct:
+                self._decompress(first, frames, pool)
+            else:
+                self.dset.read_direct(frames, np.s_[first:last])
+        except OSError as exc:
+            reason = f"frames {first}-{last - 1} of {self.dset.name} unreadable"
+            raise input_error(self.path, f"{reason}: {_reason(exc)}", exc) from None
+
+    def _read_ahead(self, free, ready, stop, pool) -> None:
+        try:
+            for first in range(self.start, self.stop, self.batch):
+                buffer = free.get(timeout=WAIT_S)
+                if buffer is None or stop.is_set():
+                    return
+                last = min(first + self.batch, self.stop)
+                frames = buffer[: last - first]
+                self._fill(first, last, frames, pool)
+                ready.put((first, frames, buffer, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            ready.put((0, None, None, exc))
+
+    def _decompress(self, first: int, frames: np.ndarray, pool: ThreadPoolExecutor) -> None:
+        """Chunks of ``frames`` read raw here, decompressed into ``frames`` by the pool."""
+        per_chunk = self.dset.chunks[0]
+        index = first
+        jobs = []
+        while index < first + len(frames):
+            chunk = index - index % per_chunk
+            mask, raw = self.dset.id.read_direct_chunk((chunk, *([0] * (self.dset.ndim - 1))))
+            take = slice(index - chunk, min(chunk + per_chunk, first + len(frames)) - chunk)
+            out = frames[index - first : index - first + take.stop - take.start]
+            if pool is None:
+                self._unpack(raw, mask, out, take, chunk)
+            else:
+                jobs.append(pool.submit(self._unpack, raw, mask, out, take, chunk))
+            index = chunk + take.stop
+        for job in jobs:
+            job.result()
+
+    def _unpack(self, raw: bytes, mask: int, out: np.ndarray, take: slice, chunk: int) -> None:
+        dset = self.dset
+        shape = (min(dset.chunks[0], dset.shape[0] - chunk), *dset.shape[1:])
+        full = (dset.chunks[0], *dset.shape[1:])
+        try:
+            if mask & 1:  # HDF5 stored this chunk unfiltered
+                data = np.frombuffer(raw, dtype=dset.dtype).reshape(full)
+            else:
+                data = _bitshuffle_lz4_decode(raw, full, dset.dtype)
+        except (ValueError, struct.error) as exc:
+            raise InputDataError(
+                self.path, f"chunk at frame {chunk} of {dset.name} is corrupt: {_reason(exc)}"
+            ) from None
+        out[...] = data[: shape[0]][take]
+
+
+def whole_frame_chunks(dset: h5py.Dataset) -> bool:
+    return dset.chunks is not None and tuple(dset.chunks[1:]) == tuple(dset.shape[1:])
+
+
+def bitshuffle_lz4(dset: h5py.Dataset) -> bool:
+    """Bitshuffle with LZ4 is the dataset's only filter, and the bitshuffle library is here."""
+    filters = dset.id.get_create_plist()
+    if filters.get_nfilters() != 1:
+        return False
+    code, _flags, values, _name = filters.get_filter(0)
+    if code != BITSHUFFLE or len(values) < 5 or values[4] != 2:
+        return False
+    try:
+        import bitshuffle  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _bitshuffle_lz4_decode(raw: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A chunk as the HDF5 bitshuffle filter stores it: 8-byte size, 4-byte block size
+    (bytes, big-endian), then the LZ4 blocks."""
+    import bitshuffle
+
+    size, block = struct.unpack(">QI", raw[:12])
+    if size != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(
+            f"chunk says {size} bytes, the dataset {int(np.prod(shape)) * dtype.itemsize}"
+        )
+    payload = np.frombuffer(raw, dtype=np.uint8, offset=12)
+    return bitshuffle.decompress_lz4(payload, shape, dtype, block // dtype.itemsize)
+
+
+def _one_omp_thread() -> None:
+    """The bitshuffle library parallelises with OpenMP; our pool already has a thread per core."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="openmp")
+
+
+def _get(ready: queue.Queue, reader: threading.Thread, path: str):
+    """The next batch; an error if the read-ahead thread died or made no progress for WAIT_S."""
+    try:
+        return ready.get(timeout=WAIT_S)
+    except queue.Empty:
+        alive = "is stuck" if reader.is_alive() else "died"
+        raise TransientInputError(path, f"reading {alive}: no batch in {WAIT_S:.0f} s") from None
+
+
+def _check_range(dset: h5py.Dataset, start: int, count: int) -> None:
+    if start + count > dset.shape[0]:
+        raise InputDataError(
+            dset.file.filename,
+            f"{dset.name} has {dset.shape[0]} frames, the scan expects at least {start + count}",
+        )
 
 
 def input_error(path: str, reason: str, exc: OSError) -> InputDataError:

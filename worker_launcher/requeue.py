@@ -11,12 +11,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from celery import chord
-
-from tasks import keys, registry
+from tasks import registry
 from tasks.config import Config
 from tasks.errors import RingflowError
-from tasks.jobs import assign_slots, stop_result_subscriptions
+from tasks.jobs import assign_slots, send_chords
 from tasks.payloads import FileTask
 
 from .distributed import target_slots
@@ -112,19 +110,14 @@ def _send(app, config: Config, job_id: str, manifest: dict, chosen: list[str], s
     }
     reopened = {s: scans[s] | {"callback": c} for s, c in callbacks.items()}
     registry.reopen(client, prefix, job_id, chosen, reopened)
-    app.loader.import_default_modules()
-    integrate_file = app.tasks["ringflow.integrate_file"]
-    assemble_scan = app.tasks["ringflow.assemble_scan"]
-    for scan, tasks in by_scan.items():
-        header = [
-            integrate_file.s(t.to_dict()).set(
-                queue=keys.gpu_queue(prefix, placement[t.task_id]), task_id=t.task_id
-            )
-            for t in tasks
-        ]
-        body = assemble_scan.s(scans[scan]["scan"]).set(
-            queue=keys.assemble_queue(prefix), task_id=callbacks[scan]
-        )
-        chord(header)(body)
-    stop_result_subscriptions(app)
+    send_chords(
+        app,
+        prefix,
+        job_id,
+        [
+            (scan, [t.to_dict() | {"slot": placement[t.task_id]} for t in tasks], callbacks[scan])
+            for scan, tasks in by_scan.items()
+            if scan in callbacks
+        ],
+    )
     return sorted(by_scan)
