@@ -103,6 +103,17 @@ def _where(request) -> dict:
 
 
 def _integrate(task: FileTask, config, client) -> int:
+    def count(frames: int) -> None:
+        registry.add_frames(client, task.prefix, task.job_id, frames)
+
+    return integrate_to_partial(task, config, count)
+
+
+def integrate_to_partial(task: FileTask, config, on_frames=None) -> int:
+    """The file task's work without its bookkeeping: frames in, partial out (benchmarks too).
+
+    ``on_frames(n)`` is told after each batch of n frames is integrated.
+    """
     from .engine import engine_for  # pyFAI loads here, in the worker's child process
     from .partials import partial_writer
     from .readers import BatchReader, open_frames
@@ -130,7 +141,8 @@ def _integrate(task: FileTask, config, client) -> int:
                 row = first - task.src_start
                 result = engine.integrate_batch(frames, norms[row : row + len(frames)])
                 out.write(row, result.intensity, result.sigma)
-                registry.add_frames(client, task.prefix, task.job_id, len(frames))
+                if on_frames is not None:
+                    on_frames(len(frames))
     return task.n_frames
 
 

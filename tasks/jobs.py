@@ -199,7 +199,7 @@ def send_chords(app, prefix: str, job_id: str, scans: list[tuple[str, list[dict]
     app.loader.import_default_modules()  # registers the tasks named in app's include
     integrate_file = app.tasks["ringflow.integrate_file"]
     assemble_scan = app.tasks["ringflow.assemble_scan"]
-    with app.producer_or_acquire() as producer, _batched(producer):
+    with _pipelined(app):
         for scan_key, payloads, callback in scans:
             header = [
                 integrate_file.s(payload).set(
@@ -213,14 +213,25 @@ def send_chords(app, prefix: str, job_id: str, scans: list[tuple[str, list[dict]
             body = assemble_scan.s(scan_ref(prefix, job_id, scan_key)).set(
                 queue=keys.assemble_queue(prefix), task_id=callback, argsrepr=repr(scan_key)
             )
-            chord(header, body).apply_async(producer=producer)
+            chord(header, body).apply_async()
     stop_result_subscriptions(app)
 
 
-def _batched(producer):
-    """kombu >= 5.7 pipelines a producer's publishes (one round trip per 500 messages)."""
-    batch = getattr(producer, "batch", None)
-    return batch(max_size=PUBLISH_BATCH) if batch else contextlib.nullcontext()
+@contextlib.contextmanager
+def _pipelined(app):
+    """Pipeline the publishes of this block (kombu >= 5.7: one round trip per 500 messages).
+
+    Celery's chord acquires its producer from the app's pool itself; the pool hands back the
+    producer released last, so the one whose batch is open here is the one the chords use.
+    Were it another, messages would go one by one: slower, never lost.
+    """
+    with app.producer_or_acquire() as producer:
+        batch = producer.batch(max_size=PUBLISH_BATCH) if hasattr(producer, "batch") else None
+    if batch is None:
+        yield
+        return
+    with batch:
+        yield
 
 
 def stop_result_subscriptions(app) -> None:
