@@ -60,6 +60,9 @@ class BatchIntegrator:
     ):
         valid = np.isfinite(prep.normalization) & (prep.normalization != 0)
         csr = _drop_columns(csr.astype(np.float32), ~valid)
+        if len(out_shape) == 2:  # pyFAI's 2D rows run radial-major: make them slice-major
+            slices, npt = out_shape
+            csr = csr[(np.arange(npt)[None, :] * slices + np.arange(slices)[:, None]).ravel()]
         self.prep = prep
         delta = np.float32(prep.delta_dummy or 0)
         dummy = np.float32(prep.dummy or 0)
@@ -72,7 +75,12 @@ class BatchIntegrator:
         self.coefficients = csr.getnnz(axis=1)  # per bin
         self.live = csr.getnnz(axis=0) > 0  # pixels with a coefficient (not masked)
         self.norm_sum = csr.astype(np.float64) @ self.normalization.astype(np.float64)
-        self.parts = _row_parts(csr, 2 * self.threads)
+        with np.errstate(divide="ignore"):
+            inverse = np.where(self.norm_sum != 0, 1.0 / self.norm_sum, 0.0)
+        self.inverse_norm = inverse.astype(np.float32)[:, None]
+        self.empty_bins = self.norm_sum == 0
+        self.bins = csr.shape[0]
+        self.rows, self.parts = _row_parts(csr, 2 * self.threads)
         self.parts_sq = [part.multiply(part).tocsr() for part in self.parts] if prep.poisson else []
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ringflow-batch")
         self._kept: tuple[np.ndarray, np.ndarray | None] | None = None
@@ -85,19 +93,36 @@ class BatchIntegrator:
         blocks = range(0, self.pixels, PIXEL_BLOCK)
         found = self.pool.map(lambda p0: self._prepare(flat, signal, variance, p0), blocks)
         bad = [b for b in found if b is not None]
-        scale = self._scale(n, monitor, bad)  # 1 / (sum(c x norm) x monitor), 0 if empty
-        intensity = self._apply(self.parts, signal)
-        intensity *= scale
-        sigma = None
-        if variance is not None:
-            sigma = self._apply(self.parts_sq, variance)
-            np.sqrt(sigma, out=sigma)
-            sigma *= scale
+        # 1 / (sum(c x norm) x monitor), 0 for an empty bin: per bin and frame only when some
+        # frame has dummies; otherwise per bin, times 1 / monitor per frame
+        scale = self._scale(n, monitor, bad) if bad else None
+        per_frame = (1.0 / np.asarray(monitor, dtype=np.float64)).astype(np.float32)[None, :]
+        intensity = np.empty((n, self.bins), dtype=np.float32)
+        sigma = None if variance is None else np.empty_like(intensity)
+
+        def part(k: int) -> None:
+            """Rows of part k: product, averages, written frame-first into the results."""
+            rows = self.rows[k]
+            factor = (self.inverse_norm[rows], per_frame) if scale is None else (scale[rows],)
+            self._finish(self.parts[k] @ signal, rows, factor, intensity, root=False)
+            if sigma is not None:
+                self._finish(self.parts_sq[k] @ variance, rows, factor, sigma, root=True)
+
+        list(self.pool.map(part, range(len(self.parts))))
+        shape = (n, *self.out_shape)
+        return BatchResult(
+            intensity.reshape(shape), None if sigma is None else sigma.reshape(shape)
+        )
+
+    def _finish(self, sums: np.ndarray, rows: slice, factor: tuple, out: np.ndarray, root: bool):
+        if root:
+            np.sqrt(sums, out=sums)
+        for f in factor:
+            sums *= f
         if self.prep.empty != 0:
-            for result in (intensity, sigma):
-                if result is not None:
-                    result[scale == 0] = self.prep.empty
-        return BatchResult(self._frames_first(intensity, n), self._frames_first(sigma, n))
+            empty = self.empty_bins[rows] if len(factor) == 2 else factor[0] == 0
+            sums[empty] = self.prep.empty
+        out[:, rows] = sums.T
 
     def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(pixels x n) signal and variance arrays in kept memory: fresh arrays cost a page
@@ -156,10 +181,6 @@ class BatchIntegrator:
             bad = (p0 + pixels, frames)
         return bad
 
-    def _apply(self, parts: list[sp.csr_matrix], dense: np.ndarray) -> np.ndarray:
-        """The row parts of one matrix times ``dense``, in threads, stacked: (bins x frames)."""
-        return np.concatenate(list(self.pool.map(lambda part: part @ dense, parts)))
-
     def _take_off(self, norm: np.ndarray, pixels: np.ndarray, frames: np.ndarray) -> None:
         """Remove the normalization of (pixel, frame) dummies from their frame's bin sums; a
         bin left with no pixel is empty, exactly as in pyFAI."""
@@ -168,13 +189,6 @@ class BatchIntegrator:
             sub = self.csc[:, cols]
             norm[:, frame] -= sub @ self.normalization[cols].astype(np.float64)
             norm[self.coefficients == sub.getnnz(axis=1), frame] = 0
-
-    def _frames_first(self, bins_by_frames: np.ndarray | None, n: int) -> np.ndarray | None:
-        """(frames, *out_shape) from (bins, frames); pyFAI's 2D rows run radial-major."""
-        if bins_by_frames is None:
-            return None
-        shaped = bins_by_frames.T.reshape((n, *self.out_shape[::-1]))
-        return np.ascontiguousarray(shaped.transpose(0, *range(shaped.ndim - 1, 0, -1)))
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
@@ -190,8 +204,9 @@ def _drop_columns(csr: sp.csr_matrix, drop: np.ndarray) -> sp.csr_matrix:
     return csr
 
 
-def _row_parts(csr: sp.csr_matrix, parts: int) -> list[sp.csr_matrix]:
-    """Row slices with about the same number of coefficients each."""
+def _row_parts(csr: sp.csr_matrix, parts: int) -> tuple[list[slice], list[sp.csr_matrix]]:
+    """Row slices with about the same number of coefficients each, and the matrix's rows."""
     bounds = np.searchsorted(csr.indptr, np.linspace(0, csr.nnz, parts + 1)[1:-1])
     edges = [0, *sorted(set(int(b) for b in bounds)), csr.shape[0]]
-    return [csr[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+    rows = [slice(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+    return rows, [csr[r] for r in rows]
