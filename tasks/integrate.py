@@ -124,7 +124,10 @@ def integrate_to_partial(task: FileTask, config, on_frames=None) -> int:
     norms = np.ones(task.n_frames) if task.monitor is None else np.asarray(task.monitor, float)
     with open_frames(task.path, task.dataset, engine.shape) as dset:
         batch = engine.batch_size(dset.dtype.itemsize)
-        reader = BatchReader(dset, task.src_start, task.n_frames, batch, engine.threads)
+        # read ahead only with a spare core of its own: bitshuffle decompresses holding the
+        # GIL, so on one core a read-ahead thread only stalls the integration
+        ahead = engine.threads > 1
+        reader = BatchReader(dset, task.src_start, task.n_frames, batch, engine.threads, ahead)
         with partial_writer(
             task.partial,
             task.n_frames,
