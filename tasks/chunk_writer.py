@@ -5,7 +5,9 @@ and h5py holds one global lock around every call, so a compressed write uses one
 the chunks of a dataset are encoded (shuffle, codec, fletcher32: see :mod:`tasks.codecs`) by
 a thread pool while the calling thread keeps producing data and storing finished chunks with
 ``write_direct_chunk``. At most ``in_flight`` chunks are queued, so memory is bounded by the
-chunk size and the slabs handed in, never by the dataset size.
+chunk size and the slabs handed in, never by the dataset size. Chunks stay queued across
+datasets (the pool never idles at a dataset's end); :meth:`ChunkWriter.flush`, or leaving the
+context without an error, stores the last of them.
 """
 
 from __future__ import annotations
@@ -54,21 +56,34 @@ def task_cores() -> int:
 class ChunkWriter:
     """Writes datasets chunk by chunk through a pool of ``threads`` compressing threads.
 
-    Use as a context manager; every h5py call stays on the thread that calls :meth:`write`.
+    Use as a context manager, closed before the file; every h5py call stays on the thread
+    that calls :meth:`write`. A dataset is complete after :meth:`flush` or a clean exit.
     """
 
     def __init__(self, threads: int = 0, in_flight: int = 0):
         self.threads = threads or task_cores()
         self.in_flight = in_flight  # 0: default_in_flight() for each write
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ringflow-compress")
+        self._pending: deque[tuple[h5py.Dataset, tuple[int, ...], Future]] = deque()
 
     def __enter__(self) -> ChunkWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+        finally:
+            self.close()
+
+    def flush(self) -> None:
+        """Store every queued chunk: the datasets written so far are then complete."""
+        while self._pending:
+            self._store(*self._pending.popleft())
 
     def close(self) -> None:
+        """Stop the pool; chunks not yet stored are dropped (call :meth:`flush` first)."""
+        self._pending.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def save(
@@ -121,7 +136,7 @@ class ChunkWriter:
         encoders = [chunk_encoder(dset, deflate_library(filters)) for dset, filters in targets]
         bands = [Bands(dset.shape, dset.chunks, dset.dtype) for dset, _ in targets]
         limit = self.in_flight or self.default_in_flight([dset for dset, _ in targets])
-        pending: deque[tuple[h5py.Dataset, tuple[int, ...], Future]] = deque()
+        pending = self._pending
 
         def submit(k: int, chunks: Iterable[tuple[tuple[int, ...], np.ndarray]]) -> None:
             for offset, chunk in chunks:
@@ -136,8 +151,6 @@ class ChunkWriter:
                 submit(k, bands[k].push(piece))
         for k, band in enumerate(bands):
             submit(k, band.finish())
-        while pending:
-            self._store(*pending.popleft())
 
     def default_in_flight(self, datasets: list[h5py.Dataset]) -> int:
         """4 chunks per thread, fewer if they would hold more than FLIGHT_BYTES together."""
