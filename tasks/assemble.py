@@ -93,6 +93,12 @@ def build_result(scan: ScanTask, config: Config) -> ScanResult:
     first = headers[0]
     n_frames = sum(h.shape[0] for h in headers)
     monitor = config.integration.monitor_name
+    if first.provenance is not None:
+        provenance = first.provenance
+    else:  # partials of an older ringflow
+        from .engine import provenance_of
+
+        provenance = provenance_of(config.integration.poni_file)
     return ScanResult(
         entry=scan.entry or "entry_0000",
         intensity=_rows(headers, "intensity", n_frames),
@@ -104,8 +110,8 @@ def build_result(scan: ScanTask, config: Config) -> ScanResult:
         source_frame=np.concatenate([h.source_frame for h in headers]),
         normalization=np.concatenate([h.normalization for h in headers]) if monitor else None,
         configuration=config.as_ini(hide_secrets=True),
-        geometry=_geometry(config.integration.poni_file),
-        versions=_versions(),
+        geometry=provenance["geometry"],
+        versions=_versions(provenance["pyFAI"]),
         fingerprint=scan.fingerprint,
         metadata=_metadata(scan, config.output.try_metadata),
         average=_average(headers, config.integration.average_xy, n_frames),
@@ -194,27 +200,14 @@ def _corrected_slabs(corrector, head: PartialHeader, batch: int):
             yield corrected, flags
 
 
-def _geometry(poni_file: str) -> dict:
-    import pyFAI
-
-    ai = pyFAI.load(poni_file)
-    geometry = {"poni_file": poni_file, "detector": ai.detector.name}
-    for key in ("dist", "poni1", "poni2", "rot1", "rot2", "rot3", "wavelength"):
-        geometry[key] = float(getattr(ai, key))
-    with open(poni_file, encoding="utf-8", errors="replace") as fh:
-        geometry["poni"] = fh.read()
-    return geometry
-
-
-def _versions() -> dict:
+def _versions(pyfai: str) -> dict:
     import celery
-    import pyFAI
 
     from . import __version__
 
     return {
         "ringflow": __version__,
-        "pyFAI": pyFAI.version,
+        "pyFAI": pyfai,
         "h5py": h5py.__version__,
         "numpy": np.__version__,
         "celery": celery.__version__,

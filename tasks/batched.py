@@ -1,10 +1,16 @@
 """Batched integration: pyFAI's own CSR matrix applied to many frames in one product.
 
 pyFAI integrates one frame at a time: every frame streams the whole sparse matrix (millions
-of coefficients) from memory. Applying the matrix to a (pixels x frames) block instead reads
-each coefficient once per batch, and scipy's product releases the GIL, so the rows split over
-threads. The preprocessing is pyFAI's ``integrate1d_ng``/``integrate2d_ng`` with the cython
-CSR engine, written for a batch:
+of coefficients) from memory. Applying the matrix to a batch instead reads each coefficient
+once per batch. Two paths compute the same sums:
+
+- the fused kernel (:mod:`tasks.kernels`, numba): preprocessing and both products in one
+  pass over the frames as read, frames split over threads (the default, 2.5-5x faster);
+- scipy: the batch transposed to (pixels x frames) float32, then one sparse x dense product
+  per row part in threads (without numba, or when a batch has too many dummies to list).
+
+The preprocessing is pyFAI's ``integrate1d_ng``/``integrate2d_ng`` with the cython CSR
+engine, written for a batch:
 
 - signal ``raw - dark``; normalization ``flat x polarization x solid angle x absorption``
   times the frame's monitor; Poisson variance ``max(raw, 1)`` (pyFAI's cython CSR engine
@@ -29,9 +35,12 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from . import kernels
+
 log = logging.getLogger(__name__)
 
 PIXEL_BLOCK = 1 << 15  # pixels per transposing task: a (block x frames) float32 tile in cache
+BAD_LISTED = 1 << 16  # dummies listed per thread and batch by the kernel; more: scipy path
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,12 @@ class BatchIntegrator:
     """One CSR matrix (bins x pixels), its square, and a thread pool to apply them."""
 
     def __init__(
-        self, csr: sp.csr_matrix, prep: Preprocessing, out_shape: tuple[int, ...], threads: int
+        self,
+        csr: sp.csr_matrix,
+        prep: Preprocessing,
+        out_shape: tuple[int, ...],
+        threads: int,
+        fused: bool | None = None,
     ):
         valid = np.isfinite(prep.normalization) & (prep.normalization != 0)
         csr = _drop_columns(csr.astype(np.float32), ~valid)
@@ -81,22 +95,104 @@ class BatchIntegrator:
         self.empty_bins = self.norm_sum == 0
         self.bins = csr.shape[0]
         self.rows, self.parts = _row_parts(csr, 2 * self.threads)
-        self.parts_sq = [part.multiply(part).tocsr() for part in self.parts] if prep.poisson else []
+        self.fused = kernels.available() if fused is None else fused
+        if self.fused:
+            self.by_pixel = csr.tocsc()
+            self.by_pixel.sort_indices()
+            self.data_sq = self.by_pixel.data * self.by_pixel.data if prep.poisson else None
+            self.parts_sq = []
+        else:
+            self.parts_sq = [p.multiply(p).tocsr() for p in self.parts] if prep.poisson else []
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ringflow-batch")
         self._kept: tuple[np.ndarray, np.ndarray | None] | None = None
+        self._sums: tuple[np.ndarray, np.ndarray | None] | None = None
 
     def integrate(self, frames: np.ndarray, monitor: np.ndarray) -> BatchResult:
         """Integrate ``frames`` (n, *detector shape), each divided by its ``monitor`` value."""
         n = frames.shape[0]
-        flat = frames.reshape(n, self.pixels)
+        flat = np.ascontiguousarray(frames.reshape(n, self.pixels))
+        fused = self._fused_sums(flat) if self.fused else None
+        if fused is None:
+            return self._integrate_scipy(flat, monitor)
+        signal, variance, bad = fused
+        intensity = np.empty((n, self.bins), dtype=np.float32)
+        sigma = None if variance is None else np.empty_like(intensity)
+        scale, per_frame = self._factors(n, monitor, bad)
+
+        def part(k: int) -> None:
+            """Rows of part k: averages written frame-first into the results."""
+            rows = self.rows[k]
+            factor = (self.inverse_norm[rows], per_frame) if scale is None else (scale[rows],)
+            self._finish(signal[rows], rows, factor, intensity, root=False)
+            if sigma is not None:
+                self._finish(variance[rows], rows, factor, sigma, root=True)
+
+        list(self.pool.map(part, range(len(self.parts))))
+        return self._result(n, intensity, sigma)
+
+    def _fused_sums(self, flat: np.ndarray):
+        """(bins x n) signal and variance sums and the dummies left out, from the kernel;
+        None when a thread found more dummies than it can list (the scipy path redoes it)."""
+        n = flat.shape[0]
+        signal, variance = self._sum_buffers(n)
+        prep, matrix = self.prep, self.by_pixel
+        empty = np.empty(0, np.float32)
+        dark = empty if prep.dark is None else prep.dark
+        data_sq = empty if self.data_sq is None else self.data_sq
+        var_sums = np.empty((0, 0), np.float32) if variance is None else variance
+        dummy_check = prep.dummy is not None
+        finite_check = bool(np.issubdtype(flat.dtype, np.floating))
+        bounds = np.linspace(0, n, min(self.threads, n) + 1).astype(int)
+
+        def run(f0: int, f1: int) -> tuple[int, np.ndarray, np.ndarray]:
+            pixels, frames = np.empty(BAD_LISTED, np.int64), np.empty(BAD_LISTED, np.int64)
+            found = kernels.accumulate(
+                flat, f0, f1, matrix.indptr, matrix.indices, matrix.data,
+                data_sq, dark, dummy_check, np.float32(prep.dummy or 0),
+                np.float32(prep.delta_dummy or 0), finite_check, signal, var_sums, pixels, frames,
+            )  # fmt: skip
+            return found, pixels[:found], frames[:found]
+
+        runs = list(self.pool.map(run, bounds[:-1], bounds[1:]))
+        if any(found > BAD_LISTED for found, _, _ in runs):
+            return None
+        bad = [(pixels, frames) for found, pixels, frames in runs if found]
+        return signal, variance, bad
+
+    def _sum_buffers(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Zeroed (bins x n) sums, in memory kept between batches."""
+        if self._sums is None or self._sums[0].shape[1] != n:
+            self._sums = None
+            signal = np.zeros((self.bins, n), dtype=np.float32)
+            self._sums = (signal, np.zeros_like(signal) if self.prep.poisson else None)
+        else:
+            for sums in self._sums:
+                if sums is not None:
+                    sums.fill(0)
+        return self._sums
+
+    def _factors(self, n: int, monitor: np.ndarray, bad: list):
+        """1 / (sum(c x norm) x monitor), 0 for an empty bin: per bin and frame when some
+        frame has dummies; otherwise per bin (``inverse_norm``) times 1 / monitor per frame."""
+        scale = self._scale(n, monitor, bad) if bad else None
+        per_frame = (1.0 / np.asarray(monitor, dtype=np.float64)).astype(np.float32)[None, :]
+        return scale, per_frame
+
+    def _result(self, n: int, intensity: np.ndarray, sigma: np.ndarray | None) -> BatchResult:
+        shape = (n, *self.out_shape)
+        return BatchResult(
+            intensity.reshape(shape), None if sigma is None else sigma.reshape(shape)
+        )
+
+    def _integrate_scipy(self, flat: np.ndarray, monitor: np.ndarray) -> BatchResult:
+        n = flat.shape[0]
+        if self.prep.poisson and not self.parts_sq:
+            self.parts_sq = [p.multiply(p).tocsr() for p in self.parts]
         signal, variance = self._buffers(n)
         blocks = range(0, self.pixels, PIXEL_BLOCK)
         found = self.pool.map(lambda p0: self._prepare(flat, signal, variance, p0), blocks)
         bad = [b for b in found if b is not None]
-        # 1 / (sum(c x norm) x monitor), 0 for an empty bin: per bin and frame only when some
-        # frame has dummies; otherwise per bin, times 1 / monitor per frame
-        scale = self._scale(n, monitor, bad) if bad else None
-        per_frame = (1.0 / np.asarray(monitor, dtype=np.float64)).astype(np.float32)[None, :]
+        scale, per_frame = self._factors(n, monitor, bad)
         intensity = np.empty((n, self.bins), dtype=np.float32)
         sigma = None if variance is None else np.empty_like(intensity)
 
@@ -109,10 +205,7 @@ class BatchIntegrator:
                 self._finish(self.parts_sq[k] @ variance, rows, factor, sigma, root=True)
 
         list(self.pool.map(part, range(len(self.parts))))
-        shape = (n, *self.out_shape)
-        return BatchResult(
-            intensity.reshape(shape), None if sigma is None else sigma.reshape(shape)
-        )
+        return self._result(n, intensity, sigma)
 
     def _finish(self, sums: np.ndarray, rows: slice, factor: tuple, out: np.ndarray, root: bool):
         if root:

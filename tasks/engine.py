@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from . import kernels
 from .batched import BatchIntegrator, BatchResult, Preprocessing
 from .config import Config, ConfigError, IntegrationConfig
 from .errors import InputDataError
@@ -139,9 +140,10 @@ class Engine:
     batch can propagate; otherwise each frame goes through pyFAI, as :meth:`integrate` does.
     """
 
-    def __init__(self, config: Config, threads: int | None = None):
+    def __init__(self, config: Config, threads: int | None = None, fused: bool | None = None):
         self.config = config.integration
         self.threads = threads or config.computations.cores_per_worker
+        self.fused = fused  # None: the numba kernel where numba is installed (tests choose)
         self.memory = config.computations.engine_memory_mb * 2**20
         self.method = engine_method(self.config, config.computations.cpu_fallback)
         self.ai = load_geometry(self.config)
@@ -154,6 +156,7 @@ class Engine:
         self.radial, self.azimuthal = self._axes()
         self.why_not_batched = self._why_not_batched()
         self._batchers: dict[tuple, BatchIntegrator] = {}
+        self.provenance = provenance_of(self.config.poni_file)
         if self.why_not_batched:
             log.info("frames integrated one by one by pyFAI: %s", self.why_not_batched)
 
@@ -212,12 +215,16 @@ class Engine:
     def has_sigma(self) -> bool:
         return bool(self.config.error_model) and self.config.error_model != "none"
 
-    def batch_size(self, itemsize: int) -> int:
+    def batch_size(self, itemsize: int, buffers: int = RING) -> int:
         """Frames per batch so that an engine's batches fit ``engine_memory_mb``: the reader's
-        ring of raw batches, the float32 signal and variance, the per-bin results."""
+        ``buffers`` raw batches (a ring when it reads ahead, else one), the per-bin sums and
+        results, and the scipy path's float32 (pixels x frames) signal and variance (the
+        fused kernel needs neither)."""
         pixels = int(np.prod(self.shape))
         bins = int(np.prod(self.row_shape))
-        per_frame = pixels * (RING * itemsize + 4 + 4 * self.has_sigma) + bins * 4 * 8
+        fused = kernels.available() if self.fused is None else self.fused
+        transposed = 0 if fused else 4 + 4 * self.has_sigma
+        per_frame = pixels * (buffers * itemsize + transposed) + bins * 4 * 8
         return int(max(1, min(MAX_BATCH, self.memory // per_frame)))
 
     def integrate_batch(self, frames: np.ndarray, monitor: np.ndarray) -> BatchResult:
@@ -291,7 +298,7 @@ class Engine:
             empty=float(self.ai._empty),
         )
         out = (c.n_slices, c.n_pts) if self.is_2d else (c.n_pts,)
-        return BatchIntegrator(matrix, prep, out, self.threads)
+        return BatchIntegrator(matrix, prep, out, self.threads, self.fused)
 
     def _axes(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Radial (and azimuthal) bin centres, from one integration of a blank frame."""
@@ -303,6 +310,23 @@ class Engine:
             return np.asarray(res.radial), np.asarray(res.azimuthal)
         res = self.ai.integrate1d_ng(blank, c.n_pts, **kwargs)
         return np.asarray(res.radial), None
+
+
+def provenance_of(poni_file: str) -> dict:
+    """The geometry (values and the PONI file's text) and pyFAI's version, for the output.
+
+    File tasks store it in their partials (their engine has pyFAI loaded): the assembly task
+    then needs no pyFAI, whose import costs seconds of CPU beside the engines.
+    """
+    import pyFAI
+
+    ai = pyFAI.load(poni_file)
+    geometry = {"poni_file": poni_file, "detector": ai.detector.name}
+    for key in ("dist", "poni1", "poni2", "rot1", "rot2", "rot3", "wavelength"):
+        geometry[key] = float(getattr(ai, key))
+    with open(poni_file, encoding="utf-8", errors="replace") as fh:
+        geometry["poni"] = fh.read()
+    return {"geometry": geometry, "pyFAI": pyFAI.version}
 
 
 def _method_tuple(method) -> tuple[str, str, str]:

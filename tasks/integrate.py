@@ -116,17 +116,17 @@ def integrate_to_partial(task: FileTask, config, on_frames=None) -> int:
     """
     from .engine import engine_for  # pyFAI loads here, in the worker's child process
     from .partials import partial_writer
-    from .readers import BatchReader, open_frames
+    from .readers import RING, BatchReader, open_frames
 
     engine = engine_for(config)
     if task.n_frames == 0:
         raise InputDataError(task.path, f"no frames in {task.dataset}")
     norms = np.ones(task.n_frames) if task.monitor is None else np.asarray(task.monitor, float)
     with open_frames(task.path, task.dataset, engine.shape) as dset:
-        batch = engine.batch_size(dset.dtype.itemsize)
-        # read ahead only with a spare core of its own: bitshuffle decompresses holding the
-        # GIL, so on one core a read-ahead thread only stalls the integration
+        # read ahead only with more than one core: on one, a read-ahead thread only takes
+        # turns with the integration, and its ring of buffers costs batch size
         ahead = engine.threads > 1
+        batch = engine.batch_size(dset.dtype.itemsize, RING if ahead else 1)
         reader = BatchReader(dset, task.src_start, task.n_frames, batch, engine.threads, ahead)
         with partial_writer(
             task.partial,
@@ -139,6 +139,7 @@ def integrate_to_partial(task: FileTask, config, on_frames=None) -> int:
             source_dataset=task.dataset,
             source_frame=np.arange(task.src_start, task.src_start + task.n_frames),
             normalization=norms,
+            provenance=engine.provenance,
         ) as out:
             for first, frames in reader:
                 row = first - task.src_start

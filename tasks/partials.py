@@ -6,6 +6,7 @@ read back in slabs. The scan's final file is compressed once, by the assembly ta
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ class PartialHeader:
     source_dataset: str
     source_frame: np.ndarray
     normalization: np.ndarray
+    provenance: dict | None = None  # geometry and pyFAI version, from the engine that wrote it
 
 
 def write_partial(path: str, part: Partial) -> None:
@@ -90,9 +92,11 @@ def partial_writer(
     source_dataset: str,
     source_frame: np.ndarray,
     normalization: np.ndarray,
+    provenance: dict | None = None,
 ) -> Iterator[PartialWriter]:
     """Rows go in through the yielded writer; the partial appears at ``path`` complete or not at
-    all, as :func:`write_partial`'s."""
+    all, as :func:`write_partial`'s. ``provenance`` (JSON-able) spares the assembly task
+    from loading pyFAI to describe the geometry."""
     with atomic_h5(path) as h5:
         writer = PartialWriter(h5, rows, row_shape, sigma)
         yield writer
@@ -103,6 +107,8 @@ def partial_writer(
         h5["normalization"] = normalization
         h5.attrs["source_file"] = source_file
         h5.attrs["source_dataset"] = source_dataset
+        if provenance is not None:
+            h5.attrs["provenance"] = json.dumps(provenance)
 
 
 @contextmanager
@@ -131,6 +137,7 @@ def read_header(path: str) -> PartialHeader:
             normalization=(
                 h5["normalization"][()] if "normalization" in h5 else np.ones(rows.shape[0])
             ),
+            provenance=json.loads(h5.attrs["provenance"]) if "provenance" in h5.attrs else None,
         )
 
 

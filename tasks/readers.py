@@ -2,15 +2,19 @@
 
 :class:`BatchReader` is the engine's read path: it reads the next batch while the caller
 integrates the current one. Bitshuffle-LZ4 chunks of whole frames (Lima's layout) are read
-raw with ``read_direct_chunk`` and decompressed in a thread pool (the bitshuffle library
-releases the GIL; h5py's filter pipeline runs under h5py's global lock, one chunk at a time).
+raw with ``read_direct_chunk`` and decompressed in a thread pool, straight into the batch
+buffer, by the bitshuffle library's own C decoder called through ctypes, which releases the
+GIL (its cython wrapper holds it; h5py's filter pipeline runs under h5py's global lock, one
+chunk at a time).
 Any other layout or filter is read by h5py in the read-ahead thread. Batches live in a ring of
 three buffers, reused: memory does not grow with file length.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import queue
 import struct
 import threading
@@ -185,11 +189,15 @@ class BatchReader:
         dset = self.dset
         shape = (min(dset.chunks[0], dset.shape[0] - chunk), *dset.shape[1:])
         full = (dset.chunks[0], *dset.shape[1:])
+        whole = out.shape == full and out.flags.c_contiguous  # the chunk is exactly ``out``
         try:
             if mask & 1:  # HDF5 stored this chunk unfiltered
                 data = np.frombuffer(raw, dtype=dset.dtype).reshape(full)
+            elif whole:
+                bitshuffle_lz4_decode(raw, out)
+                return
             else:
-                data = _bitshuffle_lz4_decode(raw, full, dset.dtype)
+                data = bitshuffle_lz4_decode(raw, np.empty(full, dtype=dset.dtype))
         except (ValueError, struct.error) as exc:
             raise InputDataError(
                 self.path, f"chunk at frame {chunk} of {dset.name} is corrupt: {_reason(exc)}"
@@ -216,18 +224,41 @@ def bitshuffle_lz4(dset: h5py.Dataset) -> bool:
     return True
 
 
-def _bitshuffle_lz4_decode(raw: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A chunk as the HDF5 bitshuffle filter stores it: 8-byte size, 4-byte block size
-    (bytes, big-endian), then the LZ4 blocks."""
-    import bitshuffle
-
+def bitshuffle_lz4_decode(raw: bytes, out: np.ndarray) -> np.ndarray:
+    """Decode a chunk as the HDF5 bitshuffle filter stores it (8-byte size and 4-byte block
+    size in bytes, big-endian, then the LZ4 blocks) into ``out``, C-contiguous, its size."""
     size, block = struct.unpack(">QI", raw[:12])
-    if size != int(np.prod(shape)) * dtype.itemsize:
-        raise ValueError(
-            f"chunk says {size} bytes, the dataset {int(np.prod(shape)) * dtype.itemsize}"
-        )
+    itemsize = out.dtype.itemsize
+    if size != out.nbytes:
+        raise ValueError(f"chunk says {size} bytes, the dataset {out.nbytes}")
+    if block % itemsize:
+        raise ValueError(f"block of {block} bytes for {itemsize}-byte values")
     payload = np.frombuffer(raw, dtype=np.uint8, offset=12)
-    return bitshuffle.decompress_lz4(payload, shape, dtype, block // dtype.itemsize)
+    decode = _bshuf_decompress_lz4()
+    if decode is None:  # no C symbol: the cython wrapper (same decoder, holds the GIL)
+        import bitshuffle
+
+        out[...] = bitshuffle.decompress_lz4(payload, out.shape, out.dtype, block // itemsize)
+        return out
+    used = decode(payload.ctypes.data, out.ctypes.data, out.size, itemsize, block // itemsize)
+    if used != payload.size:
+        raise ValueError(f"LZ4 stream of {payload.size} bytes, decoding used {used}")
+    return out
+
+
+@functools.cache
+def _bshuf_decompress_lz4():
+    """bitshuffle's ``bshuf_decompress_lz4`` from its extension module, through ctypes: a
+    foreign call releases the GIL, so decoding threads run beside the integration."""
+    try:
+        import bitshuffle.ext
+
+        function = ctypes.CDLL(bitshuffle.ext.__file__).bshuf_decompress_lz4
+    except (ImportError, OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_int64  # bytes consumed, negative on error
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_size_t] * 3
+    return function
 
 
 def _one_omp_thread() -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pyFAI
 import pytest
 
+from tasks import batched, kernels
 from tasks.config import Config
 from tasks.engine import Engine
 
@@ -118,13 +119,22 @@ CASES = {
 }
 
 
+PATHS = {"fused kernel": True, "scipy": False}
+
+
+def test_numba_is_installed_so_the_fused_kernel_is_tested():
+    assert kernels.available(), "numba is a dependency: pip install -e ."
+
+
+@pytest.mark.parametrize("fused", PATHS.values(), ids=PATHS.keys())
 @pytest.mark.parametrize("changes", CASES.values(), ids=CASES.keys())
-def test_batched_equals_pyfai_frame_by_frame(setup, changes):
+def test_batched_equals_pyfai_frame_by_frame(setup, changes, fused):
     config, frames, _, _ = setup
     config = with_integration(config, **changes)
     monitor = np.array([1.0, 0.8, 1.25, 1.1])[: len(frames)]
-    engine = Engine(config, threads=2)
+    engine = Engine(config, threads=2, fused=fused)
     assert engine.why_not_batched == ""
+    assert engine._batcher(frames).fused is fused
     result = engine.integrate_batch(frames, monitor)
     intensity, sigma = reference(config, frames, monitor)
     assert result.intensity.shape == intensity.shape
@@ -135,7 +145,8 @@ def test_batched_equals_pyfai_frame_by_frame(setup, changes):
         assert_close(result.sigma, sigma, 1e-4)
 
 
-def test_dark_flat_attenuation_and_monitor(setup):
+@pytest.mark.parametrize("fused", PATHS.values(), ids=PATHS.keys())
+def test_dark_flat_attenuation_and_monitor(setup, fused):
     config, frames, dark, flat = setup
     config = with_integration(
         config,
@@ -145,7 +156,7 @@ def test_dark_flat_attenuation_and_monitor(setup):
         correct_detector_attenuation=True,
         unit="q_nm^-1",
     )
-    engine = Engine(config, threads=2)
+    engine = Engine(config, threads=2, fused=fused)
     monitor = np.array([2.0, 1.0, 0.5, 1.5])[: len(frames)]
     batched = engine.integrate_batch(frames, monitor)
     one_by_one = [engine.integrate(f, float(m)) for f, m in zip(frames, monitor, strict=True)]
@@ -167,9 +178,10 @@ def test_frame_order_and_batches_of_any_size(setup):
     assert not np.allclose(whole[0], whole[1])  # distinct frames: an order swap would show
 
 
-def test_unsigned_and_float_frames(setup):
+@pytest.mark.parametrize("fused", PATHS.values(), ids=PATHS.keys())
+def test_unsigned_and_float_frames(setup, fused):
     config, frames, _, _ = setup
-    engine = Engine(config, threads=2)
+    engine = Engine(config, threads=2, fused=fused)
     monitor = np.ones(len(frames))
     unsigned = np.clip(frames, 0, None).astype(np.uint32)
     floats = frames.astype(np.float32)
@@ -179,6 +191,28 @@ def test_unsigned_and_float_frames(setup):
         result = engine.integrate_batch(data, monitor)
         assert_close(result.intensity, intensity, 1e-5)
         assert_close(result.sigma, sigma, 1e-4)
+
+
+def test_more_dummies_than_the_kernel_lists_go_through_scipy(setup, monkeypatch):
+    """A frame full of dummies overflows the kernel's list: the batch is redone by scipy."""
+    config, frames, _, _ = setup
+    frames = frames.copy()
+    frames[3, 100:200, :] = -2
+    monitor = np.ones(len(frames))
+    monkeypatch.setattr(batched, "BAD_LISTED", 64)
+    engine = Engine(config, threads=2, fused=True)
+    used = []
+    scipy_path = batched.BatchIntegrator._integrate_scipy
+    monkeypatch.setattr(
+        batched.BatchIntegrator,
+        "_integrate_scipy",
+        lambda self, *a: used.append(1) or scipy_path(self, *a),
+    )
+    result = engine.integrate_batch(frames, monitor)
+    assert used, "the overflowing batch did not go through scipy"
+    intensity, sigma = reference(config, frames, monitor)
+    assert_close(result.intensity, intensity, 1e-5)
+    assert_close(result.sigma, sigma, 1e-4)
 
 
 def test_azimuthal_error_model_falls_back_to_pyfai_and_says_so_once(setup, caplog):
@@ -226,8 +260,9 @@ def test_batch_size_follows_the_memory_budget(setup):
     large = dataclasses.replace(
         config, computations=dataclasses.replace(config.computations, engine_memory_mb=2048)
     )
-    b_small = Engine(small, threads=1).batch_size(4)
-    b_large = Engine(large, threads=1).batch_size(4)
-    assert 1 <= b_small < b_large <= 128
     pixels = 1043 * 981
-    assert b_small * pixels * (3 * 4 + 8) <= 64 * 2**20
+    for fused, per_pixel in ((True, 3 * 4), (False, 3 * 4 + 8)):  # raw ring (+ transposed)
+        b_small = Engine(small, threads=1, fused=fused).batch_size(4)
+        b_large = Engine(large, threads=1, fused=fused).batch_size(4)
+        assert 1 <= b_small < b_large <= 128
+        assert b_small * pixels * per_pixel <= 64 * 2**20
