@@ -199,7 +199,7 @@ def send_chords(app, prefix: str, job_id: str, scans: list[tuple[str, list[dict]
     app.loader.import_default_modules()  # registers the tasks named in app's include
     integrate_file = app.tasks["ringflow.integrate_file"]
     assemble_scan = app.tasks["ringflow.assemble_scan"]
-    with _pipelined(app):
+    with _pipelined(app), _no_result_subscriptions(app):
         for scan_key, payloads, callback in scans:
             header = [
                 integrate_file.s(payload).set(
@@ -232,6 +232,19 @@ def _pipelined(app):
         return
     with batch:
         yield
+
+
+@contextlib.contextmanager
+def _no_result_subscriptions(app):
+    """Sending a task, and the chord's group result, subscribe the client to each task's
+    result channel (a Redis round trip each) for ``AsyncResult.get`` to wait on. ringflow's
+    client never waits that way: it polls the registry and the callbacks' metadata."""
+    consumer = app.backend.result_consumer
+    consumer.consume_from = lambda task_id: None  # this instance only, this block
+    try:
+        yield
+    finally:
+        del consumer.consume_from
 
 
 def stop_result_subscriptions(app) -> None:

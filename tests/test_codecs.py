@@ -222,3 +222,31 @@ def test_corrected_compression_inherits_the_general_one(tmp_path):
     config = Config.from_mapping(base_config(tmp_path, codec="zstd", corrected_codec="blosc"))
     assert config.output.corrected_compression() == ("blosc", None)
     assert Config.from_mapping(base_config(tmp_path, codec="gzip")).output.codec == "deflate"
+
+
+# --- the read path: Lima's bitshuffle-LZ4 chunks decoded outside HDF5 ---------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint16, np.float32])
+@pytest.mark.parametrize("frames_per_chunk", [1, 3])
+def test_batch_reader_decodes_like_hdf5(tmp_path, dtype, frames_per_chunk):
+    """Direct chunk reads decoded by bitshuffle's C function equal h5py's own reads: frame
+    sizes with a tail (37 x 41 = 1517 values, 5 past a multiple of 8), multi-frame chunks,
+    a last chunk cut short, batches across chunk edges, with and without read-ahead."""
+    from tasks.readers import BatchReader, _bshuf_decompress_lz4
+
+    assert _bshuf_decompress_lz4() is not None, "bitshuffle's C decoder not found: GIL held"
+    rng = np.random.default_rng(1)
+    data = (rng.poisson(30, (8, 37, 41)) - 2).astype(dtype)
+    with h5py.File(tmp_path / "lima.h5", "w") as h5:
+        h5.create_dataset(
+            "data", data=data, chunks=(frames_per_chunk, 37, 41), **hdf5plugin.Bitshuffle()
+        )
+    with h5py.File(tmp_path / "lima.h5") as h5:
+        dset = h5["data"]
+        for ahead in (False, True):
+            reader = BatchReader(dset, 1, 7, batch=3, threads=2, ahead=ahead)
+            assert reader.direct
+            got = [(first, frames.copy()) for first, frames in reader]
+            assert [first for first, _ in got] == [1, 4, 7]
+            np.testing.assert_array_equal(np.concatenate([f for _, f in got]), data[1:])
