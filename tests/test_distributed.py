@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tasks import registry
+from tasks import keys, registry
 from tasks.app import configure
 from worker_launcher.distributed import ClusterSupervisor, enqueue, job_outcomes
 from worker_launcher.nodes import live_nodes
@@ -489,12 +489,15 @@ def test_scancel_of_one_worker_job_while_another_lives(long_files, tmp_path, sig
     try:
 
         def gpu1_busy():
-            active = app.control.inspect(timeout=1).active() or {}
+            active = app.control.inspect(timeout=0.5).active() or {}
             return next((n for n, tasks in active.items() if "-gpu1-" in n and tasks), None)
 
         name = wait_until(gpu1_busy, 240, "the gpu1 worker job integrating a file")
-        (node,) = [n for n in live_nodes(app, prefix) if n.name == name]
-        subprocess.run(["scancel", f"--signal={signal}", node.slurm_job], check=True, timeout=30)
+        # its SLURM job from the record the worker wrote at start: no second broadcast round
+        # between seeing the file in flight and cancelling (a file takes a few seconds)
+        record = app.backend.client.hget(keys.workers(prefix), name)
+        slurm_job = str(json.loads(record)["slurm_job"])
+        subprocess.run(["scancel", f"--signal={signal}", slurm_job], check=True, timeout=30)
         cancelled_at = time.monotonic()
         cli.wait(300)
         recovery = time.monotonic() - cancelled_at
