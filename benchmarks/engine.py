@@ -15,7 +15,7 @@ distinct compressed frames with ``write_direct_chunk``: reading and decompressin
 what any such file costs.
 
     python benchmarks/engine.py            # 64 frames per round, 3 rounds; 1000 vs 100 frames
-    python benchmarks/engine.py --short    # CI: 16 frames, 2 rounds; 200 vs 20 frames
+    python benchmarks/engine.py --short    # CI: 64 frames, 2 rounds; 300 vs 100 frames
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ else:  # run as a script, or imported by a sibling script: benchmarks/ is on sys
 from tasks.demo import DemoSpec, write_demo  # noqa: E402  (common put the repo on sys.path)
 
 CORES = 2
-FRAMES = {False: 64, True: 16}  # per round, per engine
+FRAMES = {False: 64, True: 64}  # per round, per engine (fewer would split too thin)
 ROUNDS = {False: 3, True: 2}
 MEMORY_FRAMES = {False: (1000, 100), True: (300, 100)}
 TARGETS = {"1D": 5.0, "2D": 3.0, "memory": 1.3}

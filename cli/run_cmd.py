@@ -10,7 +10,7 @@ import typer
 from tasks.config import Config
 from tasks.errors import RingflowError
 from tasks.jobs import JobPlan, check_plan, plan_job
-from worker_launcher.run import run_plan
+from worker_launcher.run import run_plan, services_ahead
 from worker_launcher.watch import STOP
 
 from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, fail, load_config, say, user_errors
@@ -30,10 +30,10 @@ def execute(config: Config, as_json: bool = False) -> int:
     """Plan, run and report a job; returns the exit code."""
     install_interrupt_handlers()
     try:
-        with user_errors():
+        with user_errors(), services_ahead(config) as services:
             plan = plan_or_fail(config, check_device=True)
             with job_progress(plan, quiet=as_json) as update:
-                summary = run_plan(config, plan, update)
+                summary = run_plan(config, plan, update, services)
     except KeyboardInterrupt:
         ignore_further_interrupts()
         say("interrupted", "workers and broker stopped")

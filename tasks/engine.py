@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -391,13 +392,25 @@ class Corrector:
 
 
 _ENGINES: dict[str, Engine] = {}
+_ENGINE_LOCK = threading.RLock()
+
+
+def warm_engine(config: Config) -> None:
+    """Build this process's engine for ``config`` and compile (or load) its kernel for
+    Lima's int32 frames, all before any task may use it: a task waits for the whole."""
+    with _ENGINE_LOCK:
+        engine = engine_for(config)
+        if not engine.why_not_batched:
+            engine.integrate_batch(np.zeros((1, *engine.shape), np.int32), np.ones(1))
 
 
 def engine_for(config: Config) -> Engine:
-    """This process's engine for ``config``, built on first use."""
+    """This process's engine for ``config``, built on first use (a task asking while the
+    start-up warm-up builds it waits for that build)."""
     key = config.integration_fingerprint()
-    if key not in _ENGINES:
-        log.info("building pyFAI engine %s in pid %d", key, os.getpid())
-        _ENGINES.clear()  # one configuration at a time: engines hold large CSR matrices
-        _ENGINES[key] = Engine(config)
-    return _ENGINES[key]
+    with _ENGINE_LOCK:
+        if key not in _ENGINES:
+            log.info("building pyFAI engine %s in pid %d", key, os.getpid())
+            _ENGINES.clear()  # one configuration at a time: engines hold large CSR matrices
+            _ENGINES[key] = Engine(config)
+        return _ENGINES[key]

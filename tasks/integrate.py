@@ -11,13 +11,17 @@ chord header would leave the scan's callback failed (Celery's ChordError) or han
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+import os
 import random
+import threading
 import time
 import traceback
 from datetime import datetime, timezone
 
 import numpy as np
+from celery.signals import worker_init, worker_process_init
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -29,6 +33,44 @@ from .gpu import gpu_environment
 from .payloads import FileTask
 
 log = logging.getLogger(__name__)
+WARM_CONFIG_ENV = "RINGFLOW_WARM_CONFIG"  # the job's INI: processes build its engine at start
+# imported by the worker before it forks its processes: the slow, OpenCL-free part of pyFAI's
+# imports (scipy.signal parses hundreds of docstrings), paid once instead of in each process
+PRELOAD = ("scipy.signal", "scipy.stats", "scipy.sparse", "h5py", "hdf5plugin", "numba")
+
+
+@worker_init.connect
+def _preload(**_) -> None:
+    if not os.environ.get(WARM_CONFIG_ENV):
+        return
+    for module in PRELOAD:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+
+
+@worker_process_init.connect
+def _warm_engine(**_) -> None:
+    """Build the engine while the first task is still on its way (or while the client still
+    plans the job); the first task waits for this build instead of starting its own."""
+    path = os.environ.get(WARM_CONFIG_ENV)
+    if path:
+        threading.Thread(
+            target=_build_engine, args=(path,), name="ringflow-warm", daemon=True
+        ).start()
+
+
+def _build_engine(path: str) -> None:
+    from .config import Config
+    from .engine import warm_engine
+
+    try:
+        warm_engine(Config.from_file(path))
+    except Exception as exc:  # the first file task builds it, and reports what is wrong
+        log.info(
+            "engine not built ahead from %s: %s",
+            path,
+            str(exc).splitlines()[0] if str(exc) else exc,
+        )
 
 
 @app.task(name="ringflow.integrate_file", bind=True)

@@ -48,6 +48,19 @@ def test_mask_of_wrong_shape(small_demo, tmp_path):
     assert_clean_error(run_cli("run", config), "small_mask.edf", "mask shape (10, 10)", code=2)
 
 
+def test_a_mistake_found_while_the_workers_start_leaves_no_trace(small_demo, tmp_path):
+    """Broker and workers start while the job is planned; a mistake found then (a PONI that
+    is not there) stops them, and the folders they created are removed."""
+    config = config_with(
+        small_demo,
+        tmp_path,
+        output={"location": str(tmp_path / "new" / "out")},
+        azimuthal_integration={"poni_file": str(tmp_path / "gone.poni")},
+    )
+    assert_clean_error(run_cli("run", config), "gone.poni", "PONI file not found", code=2)
+    assert not (tmp_path / "new").exists()
+
+
 def test_not_hdf5_file_among_good_ones(small_demo, tmp_path):
     bad = tmp_path / "notes.h5"
     bad.write_text("this is not HDF5")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,6 +44,8 @@ class LocalServices:
     broker: WorkspaceBroker
     workers: LocalWorkers
     handed_back: list[str]  # in-flight files a killed run left, handed back before start
+    space: str = ""
+    submitted: bool = False  # a job was sent to these workers: their workspace is kept
 
 
 @contextmanager
@@ -68,20 +71,68 @@ def local_services(config: Config, space: str) -> Iterator[LocalServices]:
         with interrupts_deferred():
             workers = start_local_workers(config, broker.url_file, logs, on_start=broker.record)
             stack.callback(workers.stop)
-        yield LocalServices(app, broker, workers, handed_back)
+        yield LocalServices(app, broker, workers, handed_back, space)
     finally:
         with uninterruptible():  # a second Ctrl-C must not leave orphans behind
             stack.close()
 
 
+@contextmanager
+def services_ahead(config: Config) -> Iterator[LocalServices | None]:
+    """Broker and workers started before the job is planned: they boot, and the integration
+    processes build their engines, while the client discovers the scans.
+
+    Yields None when they cannot start yet (planning then reports the problem, as it would
+    have, and :func:`run_plan` starts them itself). If no job reaches them (a planning
+    error, nothing to do), the folders created here are removed: a mistake leaves no trace.
+    """
+    try:
+        space = workspace(config)
+    except RingflowError:
+        yield None
+        return
+    created = _first_missing(space)
+    services = None
+    try:
+        try:
+            with local_services(config, space) as services:
+                yield services
+        except (RingflowError, OSError):
+            if services is not None:
+                raise  # a failure after the start belongs to the job
+            yield None  # the start failed: plan first, as without this
+    finally:
+        if created and (services is None or not services.submitted):
+            shutil.rmtree(created, ignore_errors=True)
+
+
+def _first_missing(path: str) -> str:
+    """The outermost folder of ``path`` that does not exist yet ("" if it exists)."""
+    missing = ""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
 def run_plan(
-    config: Config, plan: JobPlan, on_progress: Callable[[registry.Progress, float], None]
+    config: Config,
+    plan: JobPlan,
+    on_progress: Callable[[registry.Progress, float], None],
+    services: LocalServices | None = None,
 ) -> JobSummary:
-    """Integrate every scan of ``plan`` on local workers and wait for the outputs."""
+    """Integrate every scan of ``plan`` on local workers and wait for the outputs; on
+    ``services`` if started ahead for this workspace, else on workers started here."""
     start = time.monotonic()
     summary = new_summary(plan)
     if plan.scans:
-        with local_services(config, plan.workspace) as services:
+        ahead = services is not None and services.space == plan.workspace
+        with (
+            contextlib.nullcontext(services)
+            if ahead
+            else local_services(config, plan.workspace) as services
+        ):
+            services.submitted = True
             callbacks = submit(services.app, plan)
             hint = f"worker logs in {os.path.join(plan.workspace, 'logs')}"
             outcomes = watch(services.app, plan, callbacks, services.workers, on_progress, hint)

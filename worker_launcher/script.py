@@ -30,6 +30,7 @@ export RINGFLOW_TASK_TIME_LIMIT={time_limit}
 export RINGFLOW_QUEUE_PREFIX={prefix_q}
 export RINGFLOW_ROLE={role}
 export RINGFLOW_SLOT={slot}
+export RINGFLOW_WARM_CONFIG={warm_config}
 export OMP_NUM_THREADS={threads} OPENBLAS_NUM_THREADS={threads} MKL_NUM_THREADS={threads}
 export PYTHONPATH={pythonpath}"${{PYTHONPATH:+:$PYTHONPATH}}"
 # exec: the worker itself gets SLURM's --signal, for a warm shutdown before the time limit.
@@ -101,6 +102,8 @@ def job_script(config: Config, spec: WorkerSpec, url_file: str, log_dir: str) ->
         time_limit=int(config.queue.task_time_limit),
         role=shlex.quote(spec.role),
         slot="" if spec.slot is None else int(spec.slot),
+        # integration processes build their engine from it as soon as they start
+        warm_config=shlex.quote(config.source) if spec.slot is not None and config.source else "",
         threads=int(spec.threads),
         pythonpath=shlex.quote(project_root()),
         python=shlex.quote(comp.python_executables or sys.executable),
