@@ -250,3 +250,32 @@ def test_batch_reader_decodes_like_hdf5(tmp_path, dtype, frames_per_chunk):
             got = [(first, frames.copy()) for first, frames in reader]
             assert [first for first, _ in got] == [1, 4, 7]
             np.testing.assert_array_equal(np.concatenate([f for _, f in got]), data[1:])
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_batch_buffers_are_kept_for_the_next_file(tmp_path, ahead):
+    """The second file reads into the first file's buffers (no fresh memory to fault in) and
+    still gets its own frames; a file of another frame shape gets buffers of its own."""
+    from tasks.readers import BUFFERS, BatchReader
+
+    rng = np.random.default_rng(2)
+    stacks = [rng.integers(0, 1000, (6, 16, 24)).astype(np.int32) for _ in range(2)]
+    stacks.append(rng.integers(0, 1000, (6, 8, 24)).astype(np.int32))
+    for k, data in enumerate(stacks):
+        with h5py.File(tmp_path / f"lima{k}.h5", "w") as h5:
+            h5.create_dataset(
+                "data", data=data, chunks=(1, *data.shape[1:]), **hdf5plugin.Bitshuffle()
+            )
+    BUFFERS.clear()
+    seen = []
+    for k, data in enumerate(stacks):
+        with h5py.File(tmp_path / f"lima{k}.h5") as h5:
+            reader = BatchReader(h5["data"], 0, 6, batch=4, threads=2, ahead=ahead)
+            got = []
+            for _, frames in reader:
+                seen.append((k, frames.base))  # held: no id is reused by another buffer
+                got.append(frames.copy())
+            np.testing.assert_array_equal(np.concatenate(got), data)
+    first = {id(buffer) for k, buffer in seen if k == 0}
+    assert {id(buffer) for k, buffer in seen if k == 1} <= first, "second file got new buffers"
+    assert not {id(buffer) for k, buffer in seen if k == 2} & first, "other shape, same buffer"
