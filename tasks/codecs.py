@@ -18,10 +18,12 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
-import h5py
-import hdf5plugin
 import numpy as np
+
+if TYPE_CHECKING:  # configuration parsing checks codecs: h5py is imported where it is used
+    import h5py
 
 FILTER_DEFLATE, FILTER_SHUFFLE, FILTER_FLETCHER32 = 1, 2, 3
 FILTER_BITSHUFFLE, FILTER_ZSTD, FILTER_BLOSC = 32008, 32015, 32001
@@ -62,6 +64,8 @@ class Filters:
 
     def dataset_options(self) -> dict:
         """Keyword arguments of ``h5py.Group.create_dataset`` for this pipeline."""
+        import hdf5plugin
+
         options: dict = {"fletcher32": self.checksum, "shuffle": False}
         level = self.effective_level
         if self.codec in ("deflate", "zlib", "isal"):

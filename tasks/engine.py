@@ -18,7 +18,7 @@ import scipy.sparse as sp
 
 from . import kernels
 from .batched import BatchIntegrator, BatchResult, Preprocessing
-from .config import Config, ConfigError, IntegrationConfig
+from .config import COMMON_UNITS, Config, ConfigError, IntegrationConfig
 from .errors import InputDataError
 from .readers import RING, read_image
 
@@ -45,6 +45,7 @@ def load_geometry(ai_config: IntegrationConfig):
     import pyFAI
     import pyFAI.detectors
 
+    check_unit(ai_config.unit)
     poni = ai_config.poni_file
     if not os.path.isfile(poni):
         raise InputDataError(poni, "PONI file not found")
@@ -62,6 +63,19 @@ def load_geometry(ai_config: IntegrationConfig):
     if ai.detector.shape is None:
         raise InputDataError(poni, "the PONI file's detector has no shape; set [..] detector")
     return ai
+
+
+def check_unit(unit: str) -> None:
+    """The configured radial unit is one pyFAI knows (config parsing only checks its form)."""
+    from pyFAI.units import RADIAL_UNITS
+
+    if unit not in RADIAL_UNITS:
+        raise ConfigError(
+            "azimuthal integration",
+            "unit",
+            unit,
+            f"not a pyFAI radial unit; e.g. {', '.join(COMMON_UNITS)}",
+        )
 
 
 def load_corrections(ai_config: IntegrationConfig, shape: tuple[int, int]) -> Corrections:

@@ -61,6 +61,13 @@ def pending_files(client, prefix: str) -> dict[str, int]:
     return {queue: n for queue, n in counts.items() if n}
 
 
+def waiting_messages(client, prefix: str) -> int:
+    """Messages waiting in any queue of this deployment (GPU and assembly, every priority)."""
+    queues = [keys.assemble_queue(prefix), *pending_files(client, prefix)]
+    lists = [f"{q}{PRIORITY_SEP}{p}" for q in queues for p in (3, 6, 9)] + queues
+    return sum(client.llen(name) for name in lists)
+
+
 def move_pending(client, prefix: str, source: str, targets: list[str]) -> int:
     """Move every waiting message of ``source`` to ``targets`` in turn; returns how many.
 

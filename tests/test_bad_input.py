@@ -39,6 +39,14 @@ def test_missing_poni(small_demo, tmp_path):
     assert_clean_error(run_cli("run", config), "gone.poni", "PONI file not found", code=2)
 
 
+def test_unknown_radial_unit(small_demo, tmp_path):
+    """Config parsing only checks the unit's form; pyFAI's list is checked while planning."""
+    config = config_with(small_demo, tmp_path, azimuthal_integration={"unit": "furlongs"})
+    assert_clean_error(
+        run_cli("run", config), "[azimuthal integration] unit = 'furlongs'", "radial unit", code=2
+    )
+
+
 def test_mask_of_wrong_shape(small_demo, tmp_path):
     import fabio
 

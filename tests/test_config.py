@@ -137,7 +137,7 @@ BASE = "[dataset]\nlocation = a.h5\n[azimuthal integration]\nponi_file = p.poni\
     [
         ("azimuthal integration", "n_pts", "many", "integer"),
         ("azimuthal integration", "n_pts", "0", ">= 1"),
-        ("azimuthal integration", "unit", "furlongs", "radial unit"),
+        ("azimuthal integration", "unit", "q nm^-1", "radial unit"),
         ("azimuthal integration", "error_model", "gaussian", "allowed values"),
         ("azimuthal integration", "azimuthal_range", "(10, -10, 1)", "min < max"),
         ("azimuthal integration", "azimuthal_range", "(-180, 180, 2.5)", "positive integer"),

@@ -137,8 +137,20 @@ def run_plan(
             hint = f"worker logs in {os.path.join(plan.workspace, 'logs')}"
             outcomes = watch(services.app, plan, callbacks, services.workers, on_progress, hint)
             summarise(summary, services.app, plan, outcomes)
+            stop_idle_workers(services, config.queue.queue_prefix)
     summary.seconds = time.monotonic() - start
     return summary
+
+
+def stop_idle_workers(services: LocalServices, prefix: str) -> bool:
+    """Every scan has its outcome: the workers go at once if nothing else can reach them.
+
+    Only on the embedded broker this process owns: another client of a shared broker could
+    enqueue between the check and the kill. Elsewhere the warm shutdown on exit stops them.
+    """
+    if not (services.broker.embedded and services.broker.owner):
+        return False
+    return services.workers.stop_if_idle(services.app.backend.client, prefix)
 
 
 def requeue_here(
