@@ -7,7 +7,6 @@ enqueued; problems with single files or scans are collected so the rest of the j
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -214,7 +213,6 @@ def send_chords(app, prefix: str, job_id: str, scans: list[tuple[str, list[dict]
                 queue=keys.assemble_queue(prefix), task_id=callback, argsrepr=repr(scan_key)
             )
             chord(header, body).apply_async()
-    stop_result_subscriptions(app)
 
 
 @contextlib.contextmanager
@@ -238,25 +236,15 @@ def _pipelined(app):
 def _no_result_subscriptions(app):
     """Sending a task, and the chord's group result, subscribe the client to each task's
     result channel (a Redis round trip each) for ``AsyncResult.get`` to wait on. ringflow's
-    client never waits that way: it polls the registry and the callbacks' metadata."""
+    client never waits that way: it polls the registry and the callbacks' metadata. With no
+    channel opened, the results' ``__del__`` has nothing to unsubscribe later either (it
+    would reconnect, noisily, to a broker that may be gone)."""
     consumer = app.backend.result_consumer
     consumer.consume_from = lambda task_id: None  # this instance only, this block
     try:
         yield
     finally:
         del consumer.consume_from
-
-
-def stop_result_subscriptions(app) -> None:
-    """The client polls task metadata; it needs no pub/sub channel per sent task.
-
-    Sending subscribes one channel per task; AsyncResult.__del__ later unsubscribes, which
-    reconnects (noisily) to a broker that may be gone. Close it now and forget the channels.
-    """
-    gc.collect()
-    consumer = app.backend.result_consumer
-    consumer.stop()
-    consumer.subscribed_to.clear()
 
 
 def check_plan(plan: JobPlan) -> None:

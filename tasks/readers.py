@@ -282,7 +282,7 @@ def bitshuffle_lz4_decode(raw: bytes, out: np.ndarray) -> np.ndarray:
     itemsize = out.dtype.itemsize
     if size != out.nbytes:
         raise ValueError(f"chunk says {size} bytes, the dataset {out.nbytes}")
-    if block % itemsize:
+    if block == 0 or block % itemsize:
         raise ValueError(f"block of {block} bytes for {itemsize}-byte values")
     payload = np.frombuffer(raw, dtype=np.uint8, offset=12)
     decode = _bshuf_decompress_lz4()
@@ -291,10 +291,49 @@ def bitshuffle_lz4_decode(raw: bytes, out: np.ndarray) -> np.ndarray:
 
         out[...] = bitshuffle.decompress_lz4(payload, out.shape, out.dtype, block // itemsize)
         return out
+    tail = (out.size % (block // itemsize)) % 8 * itemsize  # last values, stored as they are
+    if _blocks_end(payload, lz4_blocks(out.size, block // itemsize)) + tail != payload.size:
+        raise ValueError("an LZ4 block length runs past the chunk, or short of it")
     used = decode(payload.ctypes.data, out.ctypes.data, out.size, itemsize, block // itemsize)
     if used != payload.size:
         raise ValueError(f"LZ4 stream of {payload.size} bytes, decoding used {used}")
     return out
+
+
+def lz4_blocks(values: int, block: int) -> int:
+    """LZ4 blocks of a chunk of ``values`` in blocks of ``block`` values: the last one holds
+    the rest rounded down to a multiple of 8 (bitshuffle's unit), if any."""
+    return values // block + (values % block >= 8)
+
+
+def _blocks_end(payload: np.ndarray, blocks: int) -> int:
+    """Offset just past ``blocks`` LZ4 blocks (each a 4-byte big-endian length, then that
+    many bytes), or -1 where a length runs past the payload. The C decoder trusts these
+    lengths: a corrupt chunk must fail here, not make it read past the buffer."""
+    return _block_walker()(payload, blocks)
+
+
+def _walk_blocks(payload, blocks):
+    end = payload.shape[0]
+    offset = 0
+    for _ in range(blocks):
+        if offset + 4 > end:
+            return -1
+        length = 0
+        for k in range(4):
+            length = length * 256 + np.int64(payload[offset + k])
+        offset += 4 + length
+        if offset > end:
+            return -1
+    return offset
+
+
+@functools.cache
+def _block_walker():
+    """:func:`_walk_blocks` compiled (500 blocks per Pilatus-1M frame; microseconds)."""
+    import numba
+
+    return numba.njit(nogil=True, cache=True)(_walk_blocks)
 
 
 @functools.cache

@@ -252,6 +252,31 @@ def test_batch_reader_decodes_like_hdf5(tmp_path, dtype, frames_per_chunk):
             np.testing.assert_array_equal(np.concatenate([f for _, f in got]), data[1:])
 
 
+@pytest.mark.parametrize("damage", ["huge block length", "cut short", "long"])
+def test_corrupt_bitshuffle_chunk_is_an_input_error(tmp_path, damage):
+    """Block lengths are checked before the C decoder trusts them: a corrupt chunk is a clean
+    InputDataError naming the file and frame, never a read past the chunk's bytes."""
+    from tasks.errors import InputDataError
+    from tasks.readers import BatchReader
+
+    data = np.random.default_rng(3).poisson(30, (3, 64, 96)).astype(np.int32)
+    with h5py.File(tmp_path / "lima.h5", "w") as h5:
+        dset = h5.create_dataset("data", data=data, chunks=(1, 64, 96), **hdf5plugin.Bitshuffle())
+        raw = bytearray(dset.id.read_direct_chunk((1, 0, 0))[1])
+        if damage == "huge block length":
+            raw[12:16] = (2**31 - 1).to_bytes(4, "big")
+        elif damage == "cut short":
+            raw = raw[: len(raw) // 2]
+        else:
+            raw += bytes(64)
+        dset.id.write_direct_chunk((1, 0, 0), bytes(raw))
+    with h5py.File(tmp_path / "lima.h5") as h5:
+        reader = BatchReader(h5["data"], 0, 3, batch=3, threads=1, ahead=False)
+        assert reader.direct
+        with pytest.raises(InputDataError, match="chunk at frame 1 of /data is corrupt"):
+            list(reader)
+
+
 @pytest.mark.parametrize("ahead", [False, True])
 def test_batch_buffers_are_kept_for_the_next_file(tmp_path, ahead):
     """The second file reads into the first file's buffers (no fresh memory to fault in) and

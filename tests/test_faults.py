@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -115,7 +116,12 @@ def test_corrupt_file_fails_at_once_without_retries(small_demo, tmp_path):
 
 
 def busy_worker_child(root_pid: int, queue: str, timeout: float = 120):
-    """A Celery pool process of the worker consuming ``queue`` while it integrates a file."""
+    """A Celery pool process of the worker consuming ``queue`` while it integrates a file.
+
+    Its worker must have received a file task first: pool processes are busy from their
+    start, building their engine, before the client has sent anything (a kill then is no
+    fault mid-file, and a pool process dying while the pool starts takes its worker down).
+    """
     import psutil
 
     deadline = time.monotonic() + timeout
@@ -125,6 +131,8 @@ def busy_worker_child(root_pid: int, queue: str, timeout: float = 120):
                 command = f"{proc.name()} {' '.join(proc.cmdline())}"
                 if "celery" not in command or queue not in command:
                     continue
+                if not received_a_file(proc):
+                    continue
                 for child in proc.children():
                     if child.cpu_percent(interval=0.2) > 50:
                         return child
@@ -132,6 +140,16 @@ def busy_worker_child(root_pid: int, queue: str, timeout: float = 120):
                 continue
         time.sleep(0.1)
     raise AssertionError(f"no busy worker child on {queue} within {timeout} s")
+
+
+def received_a_file(worker) -> bool:
+    """Whether the worker's log (its stdout, a file) shows a file task received."""
+    for opened in worker.open_files():
+        if opened.path.endswith(".log"):
+            text = Path(opened.path).read_text(errors="replace")
+            if "Task ringflow.integrate_file[" in text and "] received" in text:
+                return True
+    return False
 
 
 def test_sigkill_of_a_worker_child_mid_file_redoes_that_file(long_files, tmp_path):
