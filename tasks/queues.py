@@ -61,11 +61,15 @@ def pending_files(client, prefix: str) -> dict[str, int]:
     return {queue: n for queue, n in counts.items() if n}
 
 
+def priority_lists(queue: str) -> list[str]:
+    """The Redis lists holding ``queue``'s messages: its own and one per priority level."""
+    return [queue] + [f"{queue}{PRIORITY_SEP}{p}" for p in (3, 6, 9)]
+
+
 def waiting_messages(client, prefix: str) -> int:
     """Messages waiting in any queue of this deployment (GPU and assembly, every priority)."""
-    queues = [keys.assemble_queue(prefix), *pending_files(client, prefix)]
-    lists = [f"{q}{PRIORITY_SEP}{p}" for q in queues for p in (3, 6, 9)] + queues
-    return sum(client.llen(name) for name in lists)
+    assembly = sum(client.llen(name) for name in priority_lists(keys.assemble_queue(prefix)))
+    return sum(pending_files(client, prefix).values()) + assembly
 
 
 def move_pending(client, prefix: str, source: str, targets: list[str]) -> int:
@@ -77,9 +81,8 @@ def move_pending(client, prefix: str, source: str, targets: list[str]) -> int:
     if not targets:
         return 0
     recover_moving(client, prefix, targets[0])
-    lists = [source] + [f"{source}{PRIORITY_SEP}{p}" for p in (3, 6, 9)]
     moved = 0
-    for name in lists:
+    for name in priority_lists(source):
         while True:
             raw = client.lmove(name, keys.moving(prefix), "RIGHT", "LEFT")
             if raw is None:

@@ -285,16 +285,17 @@ def bitshuffle_lz4_decode(raw: bytes, out: np.ndarray) -> np.ndarray:
     if block == 0 or block % itemsize:
         raise ValueError(f"block of {block} bytes for {itemsize}-byte values")
     payload = np.frombuffer(raw, dtype=np.uint8, offset=12)
+    per_block = block // itemsize
     decode = _bshuf_decompress_lz4()
     if decode is None:  # no C symbol: the cython wrapper (same decoder, holds the GIL)
         import bitshuffle
 
-        out[...] = bitshuffle.decompress_lz4(payload, out.shape, out.dtype, block // itemsize)
+        out[...] = bitshuffle.decompress_lz4(payload, out.shape, out.dtype, per_block)
         return out
-    tail = (out.size % (block // itemsize)) % 8 * itemsize  # last values, stored as they are
-    if _blocks_end(payload, lz4_blocks(out.size, block // itemsize)) + tail != payload.size:
+    tail = (out.size % per_block) % 8 * itemsize  # the last values, stored as they are
+    if _block_walker()(payload, lz4_blocks(out.size, per_block)) + tail != payload.size:
         raise ValueError("an LZ4 block length runs past the chunk, or short of it")
-    used = decode(payload.ctypes.data, out.ctypes.data, out.size, itemsize, block // itemsize)
+    used = decode(payload.ctypes.data, out.ctypes.data, out.size, itemsize, per_block)
     if used != payload.size:
         raise ValueError(f"LZ4 stream of {payload.size} bytes, decoding used {used}")
     return out
@@ -306,14 +307,10 @@ def lz4_blocks(values: int, block: int) -> int:
     return values // block + (values % block >= 8)
 
 
-def _blocks_end(payload: np.ndarray, blocks: int) -> int:
+def _walk_blocks(payload, blocks):
     """Offset just past ``blocks`` LZ4 blocks (each a 4-byte big-endian length, then that
     many bytes), or -1 where a length runs past the payload. The C decoder trusts these
     lengths: a corrupt chunk must fail here, not make it read past the buffer."""
-    return _block_walker()(payload, blocks)
-
-
-def _walk_blocks(payload, blocks):
     end = payload.shape[0]
     offset = 0
     for _ in range(blocks):

@@ -65,13 +65,16 @@ class LocalWorkers:
         """
         from tasks.queues import in_flight, waiting_messages
 
+        from .nodes import forget_pids
+
         if waiting_messages(client, prefix) or in_flight(client, prefix):
             return False
         for worker in self.workers:
             _signal_group(worker.process, signal.SIGKILL)
         for worker in self.workers:
-            worker.process.wait(10)
-        _forget_records(client, prefix, {w.process.pid for w in self.workers})
+            with contextlib.suppress(subprocess.TimeoutExpired):  # stop() on exit tries again
+                worker.process.wait(10)
+        forget_pids(client, prefix, {w.process.pid for w in self.workers})
         return True
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -162,18 +165,6 @@ def visible_gpus() -> list[str]:
     except (subprocess.SubprocessError, OSError):
         return []
     return [line.strip() for line in out.splitlines() if line.strip()]
-
-
-def _forget_records(client, prefix: str, pids: set[int]) -> None:
-    """Remove the node records (:mod:`tasks.node`) of the worker processes ``pids``."""
-    import json
-
-    from tasks import keys
-
-    records = client.hgetall(keys.workers(prefix))
-    mine = [name for name, info in records.items() if json.loads(info).get("pid") in pids]
-    if mine:
-        client.hdel(keys.workers(prefix), *mine)
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

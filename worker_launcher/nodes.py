@@ -55,6 +55,14 @@ def forget_dead(app, prefix: str, alive: list[Node]) -> None:
         client.hdel(keys.workers(prefix), *stale)
 
 
+def forget_pids(client, prefix: str, pids: set[int]) -> None:
+    """Drop the records of the worker processes ``pids`` (killed, so never unregistered)."""
+    records = client.hgetall(keys.workers(prefix))
+    mine = [name for name, info in records.items() if json.loads(info).get("pid") in pids]
+    if mine:
+        client.hdel(keys.workers(prefix), *mine)
+
+
 def held_tasks(app, timeout: float = 2 * INSPECT_TIMEOUT) -> set[str]:
     """Ids of the tasks that answering workers run, hold reserved, or hold until their retry
     time (a retried file waits in its worker's memory, its message unacknowledged)."""
