@@ -493,9 +493,13 @@ def test_status_during_a_run_and_a_second_run_refused(long_files, tmp_path):
     config = edit_config(demo.config, {"output": {"location": str(out)}}, tmp_path / "s.ini")
     run = spawn_cli("run", config, "--json")
     try:
-        busy_worker_child(run.pid, "ringflow.gpu0")
-        status = run_cli("status", config, "--json")
-        second = run_cli("run", config)
+        busy = busy_worker_child(run.pid, "ringflow.gpu0")
+        busy.suspend()  # the run must outlive both commands, however fast its files go
+        try:
+            status = run_cli("status", config, "--json")
+            second = run_cli("run", config)
+        finally:
+            busy.resume()
         stdout, stderr = run.communicate(timeout=300)
     finally:
         if run.poll() is None:
