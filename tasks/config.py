@@ -2,9 +2,14 @@
 
 Each INI section is a frozen dataclass; each field carries its INI key, a parser that turns
 the text into a typed value (raising ``ValueError`` with the reason), and its documentation,
-from which ``ringflow config`` writes the commented template. Unknown keys are reported as
-warnings; invalid or unsupported values raise :class:`ConfigError` naming section, key and value.
-Relative paths are resolved against the configuration file's folder.
+from which ``ringflow config`` writes the commented template. Read as the integrator reads
+its files: no inline comments (a ``#`` or ``;`` inside a value is part of it), a UTF-8 byte
+order mark accepted, an empty value meaning "not set" (the key's default; for
+``error_model`` and ``polarization_factor``, pyFAI's None), keys in the older sections the
+integrator still accepts moved to their section with a warning. Unknown keys are warned
+about by name, a key written in the wrong section is an error naming both, and invalid or
+unsupported values raise :class:`ConfigError` naming section, key and value. Relative paths
+are resolved against the configuration file's folder, ``~`` against the user's home.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import configparser
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -51,13 +57,27 @@ def _int(minimum: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def _finite(text: str, what: str = "a number") -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"expected {what}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"expected {what}, not {text.strip()}")
+    return number
+
+
 def _float_or_none(value: str) -> float | None:
     if value.strip().lower() in ("", "none"):
         return None
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError("expected a number or empty") from None
+    return _finite(value, "a finite number or empty")
+
+
+def _positive_float(value: str) -> float:
+    number = _finite(value, "a finite number")
+    if number <= 0:
+        raise ValueError("must be > 0")
+    return number
 
 
 def _bool(value: str) -> bool:
@@ -87,10 +107,8 @@ def _numbers(value: str) -> list[float]:
     text = value.strip().strip("()[]").strip()
     if not text:
         return []
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError("expected numbers separated by commas, e.g. (0.5, 30)") from None
+    what = "finite numbers separated by commas, e.g. (0.5, 30)"
+    return [_finite(part, what) for part in text.split(",") if part.strip()]
 
 
 def _radial_range(value: str) -> tuple[float, float] | None:
@@ -123,10 +141,10 @@ def _names(value: str) -> tuple[str, ...]:
 
 
 def _octal(value: str) -> int:
-    text = value.strip()
-    if not re.fullmatch(r"0?o?[0-7]{3,4}", text):
+    text = value.strip().lower().removeprefix("0o")
+    if not re.fullmatch(r"[0-7]{1,4}", text):
         raise ValueError("expected an octal file mode such as 755")
-    return int(text.lstrip("0o") or "0", 8)
+    return int(text, 8)
 
 
 def _int_or_none(value: str) -> int | None:
@@ -171,14 +189,22 @@ def _memory(value: str) -> str:
 def _unit(value: str) -> str:
     """A name only: pyFAI's import (1-2 s) would delay every command, and ``ringflow run``
     starts its workers before it plans. :func:`tasks.engine.load_geometry` checks it is one of
-    pyFAI's radial units, for the job's planning and in each engine."""
+    pyFAI's radial units, for the job's planning and in each engine. The integrator's alias
+    ``q_a^-1`` is its ``q_A^-1``."""
     text = value.strip()
     if not text or any(c.isspace() for c in text):
         raise ValueError(f"not a radial unit name; e.g. {', '.join(COMMON_UNITS)}")
-    return text
+    return UNIT_ALIASES.get(text, text)
 
 
 COMMON_UNITS = ("r_mm", "q_A^-1", "q_nm^-1", "2th_deg", "2th_rad", "d*2_A^-2")
+UNIT_ALIASES = {"q_a^-1": "q_A^-1"}
+
+
+def _trim_method(value: str) -> str:
+    aliases = {"none": "", "default": "", "medfilt": "median", "sigmaclip": "sigma_clip"}
+    aliases["sigma-clip"] = "sigma_clip"
+    return _choice("", "median", "sigma_clip", aliases=aliases)(value)
 
 
 def _error_model(value: str) -> str:
@@ -301,7 +327,10 @@ class IntegrationConfig:
         (-180.0, 180.0, 1),
     )
     radial_range: tuple[float, float] | None = option(
-        "radial_range", _radial_range, "(min, max) in `unit`; empty: the full range.", None
+        "radial_range",
+        _radial_range,
+        "(min, max) in `unit`; empty: min and max of the pixel centres over the detector.",
+        None,
     )
     ai_method: str = option(
         "ai_method",
@@ -328,7 +357,10 @@ class IntegrationConfig:
         "CdTe",
     )
     sensor_thickness_cm: float = option(
-        "sensor_thickness_cm", float, "ringflow: sensor thickness in cm (attenuation).", 0.1
+        "sensor_thickness_cm",
+        _positive_float,
+        "ringflow: sensor thickness in cm (attenuation).",
+        0.1,
     )
     monitor_name: str = option(
         "monitor_name",
@@ -347,13 +379,19 @@ class IntegrationConfig:
     )
     trim_method: str = option(
         "trim_method",
-        _choice("", "median", "sigma_clip", aliases={"none": "", "default": ""}),
-        "Trimming (median, sigma_clip): not supported yet by ringflow; leave empty.",
+        _trim_method,
+        "Outlier removal: empty (none), median (pyFAI's medfilt1d) or sigma_clip (pyFAI's "
+        "sigma_clip_ng); one azimuthal slice only.",
         "",
     )
-    trim_n_pts: int = option("trim_n_pts", _int(0), "Azimuthal bins for median trimming.", 0)
+    trim_n_pts: int = option(
+        "trim_n_pts", _int(0), "Azimuthal bins of the median filter; empty: n_pts.", 0
+    )
     trim_bounds: tuple[float, ...] = option(
-        "trim_bounds", lambda v: tuple(_numbers(v)), "Percentiles or sigma threshold.", ()
+        "trim_bounds",
+        lambda v: tuple(_numbers(v)),
+        "median: percentile or (low, high) percentiles [50]; sigma_clip: threshold [5].",
+        (),
     )
 
     @property
@@ -387,7 +425,11 @@ class ComputationsConfig:
         "memory_per_worker", _memory, "SLURM memory per worker job.", "100GB"
     )
     python_executables: str = option(
-        "python_executables", _text, "Python on the worker nodes; empty: this Python.", ""
+        "python_executables",
+        _text,
+        "Python of the SLURM worker jobs; empty: this Python. Local workers always use the "
+        "Python ringflow runs in.",
+        "",
     )
     workspace_path: str = option(
         "workspace_path",
@@ -456,9 +498,9 @@ class OutputConfig:
     file_mode: int = option(
         "file_mode",
         _octal,
-        "Permissions of created output folders (octal).",
+        "Permissions (octal, applied with chmod) of the output folders and files ringflow creates.",
         0o755,
-        fmt=lambda mode: format(mode, "o"),
+        fmt=lambda mode: format(mode, "03o"),
     )
     try_metadata: tuple[str, ...] = option(
         "try_metadata",
@@ -663,10 +705,11 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError("", "", str(path), "configuration file not found")
-        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+        # as the integrator: no inline comments, so a '#' in a path stays part of it
+        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=None)
         parser.optionxform = str  # keep the keys' case for messages
         try:
-            parser.read(path, encoding="utf-8")
+            parser.read(path, encoding="utf-8-sig")
         except (configparser.Error, UnicodeDecodeError) as exc:
             first_line = str(exc).splitlines()[0]
             raise ConfigError("", "", str(path), f"not a valid INI file: {first_line}") from None
@@ -678,10 +721,18 @@ class Config:
         """Build from ``{section: {key: text}}``: the INI content, or :meth:`as_mapping`'s."""
         base = Path(source).parent if source else Path.cwd()
         warnings = [f"unknown section [{s}] ignored" for s in mapping if s not in SECTIONS]
+        values_of = _moved_keys(_normalised(mapping), warnings)
+        _check_misplaced(values_of, source)
         sections = {}
         for name, section_cls in SECTIONS.items():
-            values = {k.strip().lower(): v for k, v in mapping.get(name, {}).items()}
+            values = values_of.get(name, {})
             sections[_ATTRS[name]] = _build_section(name, section_cls, values, source, warnings)
+        ai = sections["integration"]
+        if ai.trim_method == "sigma_clip" and ai.pixel_splitting != "no":
+            warnings.append(
+                "trim_method = sigma_clip runs without pixel splitting (as the integrator "
+                "does): pixel_splitting ignored"
+            )
         config = cls(**sections, source=source, warnings=tuple(warnings))
         config = _resolve_paths(config, base)
         env_url = os.environ.get(BROKER_ENV, "").strip()
@@ -768,6 +819,60 @@ def _parse_one(section: str, key: str, text: str, parse, source: str):
         raise ConfigError(section, key, text, str(exc), source) from None
 
 
+# keys the integrator still reads from an older section: (old section, key) -> new section
+MOVED_KEYS = {
+    ("dataset", "detector"): "azimuthal integration",
+    ("dataset", "mask_file"): "azimuthal integration",
+}
+# an empty value means "not set": the key's default, except for these (pyFAI's None)
+EMPTY_IS_NONE = {
+    ("azimuthal integration", "error_model"),
+    ("azimuthal integration", "polarization_factor"),
+}
+
+
+def _normalised(mapping: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Keys stripped and lower-cased; empty values dropped (not set), except EMPTY_IS_NONE."""
+    out = {}
+    for section, values in mapping.items():
+        out[section] = {
+            key.strip().lower(): value
+            for key, value in values.items()
+            if value.strip() or (section, key.strip().lower()) in EMPTY_IS_NONE
+        }
+    return out
+
+
+def _moved_keys(values_of: dict[str, dict[str, str]], warnings: list) -> dict:
+    """Keys in the older sections the integrator accepts, moved to their section."""
+    for (old, key), new in MOVED_KEYS.items():
+        if key not in values_of.get(old, {}):
+            continue
+        value = values_of[old].pop(key)
+        target = values_of.setdefault(new, {})
+        if key in target:
+            warnings.append(f"deprecated [{old}] {key} ignored: [{new}] {key} is set too")
+        else:
+            target[key] = value
+            warnings.append(f"deprecated: [{old}] {key} belongs in [{new}]; moved there")
+    return values_of
+
+
+def _check_misplaced(values_of: dict[str, dict[str, str]], source: str) -> None:
+    """A key of another section, written in this one, would otherwise be ignored: a mask or
+    a PONI silently left out. An error naming both sections."""
+    keys_of = {name: {f.metadata["key"] for f in fields(cls)} for name, cls in SECTIONS.items()}
+    for name, values in values_of.items():
+        if name not in SECTIONS:
+            continue
+        for key in values:
+            homes = [other for other, keys in keys_of.items() if key in keys]
+            if homes and key not in keys_of[name]:
+                raise ConfigError(
+                    name, key, values[key], f"this key belongs in [{homes[0]}]", source
+                )
+
+
 def _build_section(name: str, cls: type, values: dict[str, str], source: str, warnings: list):
     by_key = {f.metadata["key"]: f for f in fields(cls)}
     unknown = sorted(set(values) - set(by_key))
@@ -777,7 +882,7 @@ def _build_section(name: str, cls: type, values: dict[str, str], source: str, wa
         if key in values:
             kwargs[f.name] = _parse_one(name, key, values[key], f.metadata["parse"], source)
         elif f.default is MISSING and f.default_factory is MISSING:
-            raise ConfigError(name, key, "", "required key is missing", source)
+            raise ConfigError(name, key, "", "required key is missing or empty", source)
     return cls(**kwargs)
 
 
@@ -786,42 +891,25 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         attr = _ATTRS[section]
         sub = getattr(config, attr)
         changes = {
-            k: str((base / getattr(sub, k)).resolve())
+            k: str((base / os.path.expanduser(getattr(sub, k))).resolve())
             for k in keys
             if getattr(sub, k) and "://" not in getattr(sub, k)
         }
         config = replace(config, **{attr: replace(sub, **changes)})
-    locations = tuple(
-        loc if os.path.isabs(loc) else str(base / loc) for loc in config.dataset.location
-    )
+    locations = tuple(str(base / os.path.expanduser(loc)) for loc in config.dataset.location)
     return replace(config, dataset=replace(config.dataset, location=locations))
 
 
 def _check_supported(config: Config) -> None:
     """Reject values ringflow cannot honour, rather than ignoring them."""
     ai = config.integration
-    if ai.trim_method:
-        raise ConfigError(
-            "azimuthal integration",
-            "trim_method",
-            ai.trim_method,
-            "trimming (median / sigma_clip) is not supported yet by ringflow; leave it empty",
-            config.source,
-        )
+    _check_trim(ai, config.source)
     if ai.polarization_factor is not None and not -1 <= ai.polarization_factor <= 1:
         raise ConfigError(
             "azimuthal integration",
             "polarization_factor",
             ai.polarization_factor,
             "must be between -1 and 1 (or empty for no correction)",
-            config.source,
-        )
-    if ai.sensor_thickness_cm <= 0:
-        raise ConfigError(
-            "azimuthal integration",
-            "sensor_thickness_cm",
-            ai.sensor_thickness_cm,
-            "must be > 0",
             config.source,
         )
     if not config.output.repack_output:
@@ -837,6 +925,30 @@ def _check_supported(config: Config) -> None:
             "azimuthal integration", "poni_file", "", "a PONI file is required", config.source
         )
     _check_codecs(config)
+
+
+def _check_trim(ai: IntegrationConfig, source: str) -> None:
+    """Trimming as the integrator allows it: one azimuthal slice, percentiles in [0, 100]."""
+    if not ai.trim_method:
+        return
+    if ai.n_slices > 1:
+        raise ConfigError(
+            "azimuthal integration",
+            "azimuthal_range",
+            ai.azimuthal_range,
+            f"trim_method = {ai.trim_method} integrates one azimuthal slice: set n_slices "
+            "(the third number) to 1, or leave trim_method empty",
+            source,
+        )
+    bounds = ai.trim_bounds
+    if ai.trim_method == "median":
+        fits = len(bounds) <= 2 and all(0 <= b <= 100 for b in bounds)
+        reason = "median: one percentile or (low, high) percentiles within 0..100"
+    else:
+        fits = len(bounds) <= 1 and all(b > 0 for b in bounds)
+        reason = "sigma_clip: one threshold > 0 (in standard deviations)"
+    if not fits or list(bounds) != sorted(bounds):
+        raise ConfigError("azimuthal integration", "trim_bounds", bounds, reason, source)
 
 
 def _check_codecs(config: Config) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
+from pathlib import Path
+
 import pytest
 
-from tasks.config import Config, template
+from tasks.config import SECTIONS, Config, template
 from tasks.errors import ConfigError
 
 from .conftest import run_cli
@@ -148,7 +151,12 @@ BASE = "[dataset]\nlocation = a.h5\n[azimuthal integration]\nponi_file = p.poni\
         ("azimuthal integration", "polarization_factor", "2", "between -1 and 1"),
         ("azimuthal integration", "correct_solid_angle", "maybe", "0/1"),
         ("azimuthal integration", "average_xy", "mode", "allowed values"),
-        ("azimuthal integration", "trim_method", "median", "not supported yet"),
+        ("azimuthal integration", "trim_method", "mean", "allowed values"),
+        ("azimuthal integration", "sensor_thickness_cm", "nan", "finite"),
+        ("azimuthal integration", "sensor_thickness_cm", "0", "> 0"),
+        ("azimuthal integration", "polarization_factor", "inf", "finite"),
+        ("azimuthal integration", "radial_range", "(0, nan)", "finite"),
+        ("azimuthal integration", "n_pts", "1000 ; bins", "integer"),
         ("dataset", "hdf5_entry", "scan1", "entry name"),
         ("dataset", "layout", "ID99", "allowed values"),
         ("computations distribution", "n_workers", "-1", ">= 1"),
@@ -220,3 +228,162 @@ def test_cli_invalid_value_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert any("n_pts" in line and "-5" in line for line in lines)
+
+
+TEMPLATE = Path(__file__).parent / "data" / "integrator-2026.1.2-nocomments.conf"
+
+
+def filled_template(tmp_path: Path, changes: dict[str, dict[str, str]] | None = None) -> Path:
+    """The integrator's generated template (``integrator-config --nocomments``), with only the
+    values a user must fill in set, each by editing its line in place."""
+    user = {
+        "dataset": {"location": str(tmp_path / "sample_0001.h5")},
+        "azimuthal integration": {
+            "detector": "Pilatus1M",
+            "detector_name": "pilatus",
+            "mask_file": str(tmp_path / "mask.edf"),
+            "poni_file": str(tmp_path / "calib.poni"),
+        },
+        "output": {"location": str(tmp_path / "out")},
+    }
+    for section, values in (changes or {}).items():
+        user.setdefault(section, {}).update(values)
+    lines, section = [], ""
+    for line in TEMPLATE.read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        key = line.split("=", 1)[0].strip()
+        if "=" in line and key in user.get(section, {}):
+            line = f"{key} = {user[section][key]}"
+        lines.append(line)
+    path = tmp_path / "integrator.conf"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_integrators_template_parses_with_its_meaning(tmp_path):
+    config = Config.from_file(filled_template(tmp_path))
+    assert config.warnings == ()
+    ai, comp = config.integration, config.computations
+    assert (ai.trim_method, ai.trim_n_pts, ai.trim_bounds) == ("", 0, ())
+    assert ai.radial_range is None and ai.unit == "r_mm" and ai.n_pts == 2500
+    assert (ai.error_model, ai.ai_method, ai.pixel_splitting) == ("hybrid", "opencl", "no")
+    assert ai.azimuthal_range == (-180.0, 180.0, 1) and ai.polarization_factor == 0.99
+    assert ai.correct_detector_attenuation and ai.correct_solid_angle and not ai.average_xy
+    assert ai.detector_suffix == "" and ai.dark_file == "" and ai.flatfield_file == ""
+    assert (comp.n_workers, comp.ai_engines_per_worker, comp.cores_per_worker) == (4, 8, 4)
+    assert comp.python_executables.startswith("/cvmfs/")  # kept for SLURM jobs only
+    assert config.output.file_mode == 0o755 and config.output.try_metadata == ()
+
+
+def test_empty_values_mean_not_set(tmp_path):
+    """Every key left empty takes its default (error_model and polarization_factor: None)."""
+    empty = {name: {f.metadata["key"]: "" for f in fields(cls)} for name, cls in SECTIONS.items()}
+    empty["dataset"]["location"] = "a.h5"
+    empty["azimuthal integration"]["poni_file"] = "p.poni"
+    config = Config.from_mapping(empty, source=str(tmp_path / "c.ini"))
+    defaults = Config.from_mapping(
+        {"dataset": {"location": "a.h5"}, "azimuthal integration": {"poni_file": "p.poni"}},
+        source=str(tmp_path / "c.ini"),
+    )
+    ai = config.integration
+    assert (ai.error_model, ai.polarization_factor) == ("", None)
+    changed = replace(ai, error_model="hybrid", polarization_factor=0.99)
+    assert changed == defaults.integration
+    for attr in ("dataset", "computations", "output", "pipeline", "queue", "monitoring"):
+        assert getattr(config, attr) == getattr(defaults, attr), attr
+
+
+def test_required_keys_left_empty_are_named(tmp_path):
+    path = filled_template(tmp_path, {"azimuthal integration": {"poni_file": ""}})
+    with pytest.raises(ConfigError, match=r"\[azimuthal integration\] poni_file.*required"):
+        Config.from_file(path)
+
+
+def test_keys_in_their_older_section_are_moved_with_a_warning(tmp_path):
+    path = tmp_path / "old.ini"
+    path.write_text(
+        "[dataset]\nlocation = a.h5\nmask_file = m.edf\ndetector = Pilatus1M\n"
+        "[azimuthal integration]\nponi_file = p.poni\n"
+    )
+    config = Config.from_file(path)
+    assert config.integration.mask_file == str(tmp_path / "m.edf")
+    assert config.integration.detector == "Pilatus1M"
+    moved = [w for w in config.warnings if "deprecated" in w]
+    assert len(moved) == 2 and all("[azimuthal integration]" in w for w in moved)
+
+
+def test_a_key_in_the_wrong_section_is_an_error_naming_both(tmp_path):
+    path = tmp_path / "wrong.ini"
+    path.write_text(
+        "[dataset]\nlocation = a.h5\ndark_file = d.edf\n[azimuthal integration]\nponi_file = p\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        Config.from_file(path)
+    assert "[dataset] dark_file" in str(info.value)
+    assert "belongs in [azimuthal integration]" in str(info.value)
+
+
+def test_parsed_as_the_integrator_reads_files(tmp_path, monkeypatch):
+    """No inline comments (a '#' in a path is part of it), a BOM accepted, '~' expanded."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = tmp_path / "c.ini"
+    text = (
+        "[dataset]\nlocation = ~/RAW_DATA/run#2/*.h5\n"
+        "[azimuthal integration]\nponi_file = ~/calib #1.poni\nmask_file = m.edf ; old\n"
+        "unit = q_a^-1\n"
+    )
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    config = Config.from_file(path)
+    assert config.dataset.location == (str(tmp_path / "home/RAW_DATA/run#2/*.h5"),)
+    assert config.integration.poni_file == str(tmp_path / "home/calib #1.poni")
+    assert config.integration.mask_file == str(tmp_path / "m.edf ; old")
+    assert config.integration.unit == "q_A^-1"
+
+
+@pytest.mark.parametrize(
+    ("method", "bounds", "expected"),
+    [
+        ("median", "(10, 90)", ("median", (10.0, 90.0))),
+        ("medfilt", "50", ("median", (50.0,))),
+        ("sigma-clip", "3", ("sigma_clip", (3.0,))),
+        ("sigmaclip", "", ("sigma_clip", ())),
+    ],
+)
+def test_trim_methods_and_their_bounds(tmp_path, method, bounds, expected):
+    changes = {"trim_method": method, "trim_bounds": bounds, "trim_n_pts": "180"}
+    config = Config.from_file(filled_template(tmp_path, {"azimuthal integration": changes}))
+    ai = config.integration
+    assert (ai.trim_method, ai.trim_bounds, ai.trim_n_pts) == (*expected, 180)
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "reason"),
+    [
+        ({"trim_method": "median", "azimuthal_range": "(-180, 180, 36)"}, "azimuthal_range",
+         "one azimuthal slice"),
+        ({"trim_method": "median", "trim_bounds": "(90, 10)"}, "trim_bounds", "percentiles"),
+        ({"trim_method": "median", "trim_bounds": "(-5, 50)"}, "trim_bounds", "percentiles"),
+        ({"trim_method": "sigma_clip", "trim_bounds": "0"}, "trim_bounds", "threshold > 0"),
+    ],
+)  # fmt: skip
+def test_trim_settings_the_integrator_refuses(tmp_path, changes, key, reason):
+    path = filled_template(tmp_path, {"azimuthal integration": changes})
+    with pytest.raises(ConfigError, match=rf"\] {key} = .*{reason}"):
+        Config.from_file(path)
+
+
+def test_sigma_clip_drops_pixel_splitting_with_a_warning(tmp_path):
+    changes = {"trim_method": "sigma_clip", "pixel_splitting": "full"}
+    config = Config.from_file(filled_template(tmp_path, {"azimuthal integration": changes}))
+    assert any("pixel_splitting ignored" in w for w in config.warnings)
+
+
+@pytest.mark.parametrize("mode", [0o000, 0o007, 0o077, 0o640, 0o755, 0o777, 0o2775])
+def test_every_file_mode_survives_the_trip_to_the_workers(tmp_path, mode):
+    """Workers rebuild the configuration from its INI text: the mode must parse back."""
+    path = filled_template(tmp_path, {"output": {"file_mode": format(mode, "o")}})
+    config = Config.from_file(path)
+    assert config.output.file_mode == mode
+    again = Config.from_mapping(config.as_mapping(), source=config.source)
+    assert again.output.file_mode == mode
