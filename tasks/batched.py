@@ -13,8 +13,10 @@ The preprocessing is pyFAI's ``integrate1d_ng``/``integrate2d_ng`` with the cyth
 engine, written for a batch:
 
 - signal ``raw - dark``; normalization ``flat x polarization x solid angle x absorption``
-  times the frame's monitor; Poisson variance ``max(raw, 1)`` (pyFAI's cython CSR engine
-  adds no dark);
+  times the frame's monitor; Poisson variance ``max(raw, 1)``, plus ``max(dark, 0)`` where
+  pyFAI computes the variance before its engine (2D without full splitting: its cython CSR
+  engine does not manage the variance there, and ``integrate2d_ng`` adds the dark; an engine
+  that manages it adds none);
 - the mask is in the matrix (pyFAI builds it without masked pixels); pixels whose
   normalization is 0 or not finite, or whose dark or flat equals the detector's dummy, get no
   coefficient;
@@ -55,6 +57,7 @@ class Preprocessing:
 
     dark: np.ndarray | None
     normalization: np.ndarray  # flat x polarization x solid angle x absorption
+    dark_variance: np.ndarray | None  # added to each pixel's Poisson variance, or None
     dummy: float | None
     delta_dummy: float | None
     poisson: bool  # propagate Poisson variance (error models poisson and hybrid)
@@ -138,6 +141,7 @@ class BatchIntegrator:
         prep, matrix = self.prep, self.by_pixel
         empty = np.empty(0, np.float32)
         dark = empty if prep.dark is None else prep.dark
+        dark_var = empty if prep.dark_variance is None else prep.dark_variance
         data_sq = empty if self.data_sq is None else self.data_sq
         var_sums = np.empty((0, 0), np.float32) if variance is None else variance
         dummy_check = prep.dummy is not None
@@ -148,7 +152,7 @@ class BatchIntegrator:
             pixels, frames = np.empty(BAD_LISTED, np.int64), np.empty(BAD_LISTED, np.int64)
             found = kernels.accumulate(
                 flat, f0, f1, matrix.indptr, matrix.indices, matrix.data,
-                data_sq, dark, dummy_check, np.float32(prep.dummy or 0),
+                data_sq, dark, dark_var, dummy_check, np.float32(prep.dummy or 0),
                 np.float32(prep.delta_dummy or 0), finite_check, signal, var_sums, pixels, frames,
             )  # fmt: skip
             return found, pixels[:found], frames[:found]
@@ -261,9 +265,11 @@ class BatchIntegrator:
             hit = finite if hit is None else hit | finite
         if variance is not None:
             np.maximum(tile, np.float32(1), out=variance[p0:p1])
+            if prep.dark_variance is not None:
+                variance[p0:p1] += prep.dark_variance[p0:p1, None]
         if prep.dark is not None:
             dark = prep.dark[p0:p1, None]
-            tile -= dark  # the variance stays max(raw, 1): pyFAI's cython engine adds no dark
+            tile -= dark
         if hit is not None and hit.any():
             hit &= self.live[p0:p1, None]  # masked pixels are not in the matrix anyway
         if hit is not None and hit.any():

@@ -47,12 +47,13 @@ def _accumulate(
     data: np.ndarray,  # float32 coefficients c
     data_sq: np.ndarray,  # float32 c^2; empty without variance
     dark: np.ndarray,  # float32 per pixel; empty without dark
+    dark_var: np.ndarray,  # float32 per pixel added to the variance; empty without
     dummy_check: bool,
     dummy: np.float32,
     delta: np.float32,  # |value - dummy| <= delta: the dummy, as pyFAI tests it
     finite_check: bool,  # float frames: NaN and infinities are left out too
     signal: np.ndarray,  # (bins, n) float32 sums of c x (raw - dark), zeroed by the caller
-    variance: np.ndarray,  # (bins, n) float32 sums of c^2 x max(raw, 1); (0, 0) without
+    variance: np.ndarray,  # (bins, n) float32 sums of c^2 x (max(raw, 1) + dark_var); (0, 0)
     bad_pixel: np.ndarray,  # left-out (pixel, frame) pairs, as many as fit
     bad_frame: np.ndarray,
 ) -> int:
@@ -61,10 +62,11 @@ def _accumulate(
     pixels = frames.shape[1]
     with_var = variance.shape[0] > 0
     with_dark = dark.shape[0] > 0
+    with_dark_var = dark_var.shape[0] > 0
     checks = dummy_check or finite_check
     tile = np.empty((TILE, m), np.float32)  # raw values, pixel-major
     sig = np.empty(m, np.float32)  # one pixel's raw - dark, 0 where left out
-    var = np.empty(m, np.float32)  # one pixel's max(raw, 1), 0 where left out
+    var = np.empty(m, np.float32)  # one pixel's max(raw, 1) + dark_var, 0 where left out
     one = np.float32(1)
     found = 0
     for q0 in range(0, pixels, TILE):
@@ -82,8 +84,9 @@ def _accumulate(
             for b in range(m):
                 sig[b] = values[b] - d
             if with_var:
+                dv = dark_var[j] if with_dark_var else np.float32(0)
                 for b in range(m):
-                    var[b] = max(values[b], one)
+                    var[b] = max(values[b], one) + dv
             if checks and _suspect(values, dummy_check, dummy, delta, finite_check):
                 for b in range(m):
                     x = values[b]
