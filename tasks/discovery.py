@@ -260,7 +260,22 @@ def _monitor(h5: h5py.File, entry: str, name: str, scan: Scan) -> tuple[float, .
         raise InputDataError(
             h5.filename, f"{key} has {values.size} values for {scan.n_frames} frames"
         )
-    return tuple(values[: scan.n_frames].tolist())
+    values = values[: scan.n_frames]
+    check_monitor(values, f"{h5.filename}: {key}")
+    return tuple(values.tolist())
+
+
+def check_monitor(values: np.ndarray, where: str) -> None:
+    """Each frame is divided by its monitor value: zero, negative or non-finite values would
+    give infinities or sign-flipped rows, never a meaningful result."""
+    bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))
+    if bad.size:
+        frame = int(bad[0])
+        raise InputDataError(
+            where,
+            f"monitor value {values[frame]!r} at frame {frame} ({bad.size} frames not > 0 or "
+            "not finite): frames cannot be normalised by it",
+        )
 
 
 def _source_path(master: str, name: str) -> str:

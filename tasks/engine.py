@@ -62,7 +62,61 @@ def load_geometry(ai_config: IntegrationConfig):
             ) from None
     if ai.detector.shape is None:
         raise InputDataError(poni, "the PONI file's detector has no shape; set [..] detector")
+    check_geometry(ai, poni)
     return ai
+
+
+GEOMETRY_KEYS = {  # PONI file name of each pyFAI attribute, for messages
+    "dist": "Distance",
+    "poni1": "Poni1",
+    "poni2": "Poni2",
+    "rot1": "Rot1",
+    "rot2": "Rot2",
+    "rot3": "Rot3",
+    "wavelength": "Wavelength",
+}
+
+
+def check_geometry(ai, poni: str) -> None:
+    """A geometry that cannot place a pixel (NaN, infinite, a distance <= 0) would integrate
+    every frame into empty bins or NaN: an error naming the PONI key instead."""
+    for attr, key in GEOMETRY_KEYS.items():
+        value = getattr(ai, attr)
+        if value is None and attr == "wavelength":
+            continue  # only q units and the attenuation need it (pyFAI says so there)
+        if value is None or not np.isfinite(value):
+            raise InputDataError(poni, f"{key}: {value!r} is not a finite number")
+    if ai.dist <= 0:
+        raise InputDataError(poni, f"Distance: {ai.dist!r} must be > 0")
+    if ai.wavelength is not None and ai.wavelength <= 0:
+        raise InputDataError(poni, f"Wavelength: {ai.wavelength!r} must be > 0")
+
+
+def integrator_radial_range(ai_config: IntegrationConfig) -> tuple[float, float]:
+    """The radial range ESRF's integrator uses when ``radial_range`` is empty: min and max of
+    the pixel centres' radial positions over the whole detector, masked pixels included.
+
+    Its own formulas for its units (r_mm from rArray, 2th_deg from the 2theta centres, q_A^-1
+    from qArray), pyFAI's centre array in the unit for the others. Computed on a separate
+    integrator: computing them on the one that integrates changes pyFAI's cached binning.
+    """
+    ai = load_geometry(ai_config)
+    unit = ai_config.unit
+    if unit == "r_mm":
+        values = ai.rArray() * 1e3
+    elif unit == "2th_deg":
+        values = np.degrees(ai.center_array(unit="2th_rad"))
+    elif unit == "q_A^-1":
+        values = ai.qArray() / 10
+    else:
+        values = ai.center_array(ai.detector.shape, unit=unit, scale=True)
+    values = np.asarray(values, dtype=np.float64)
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise InputDataError(
+            ai_config.poni_file, f"no radial range in {unit} from this geometry: {low}..{high}"
+        )
+    return low, high
 
 
 def check_unit(unit: str) -> None:
@@ -98,28 +152,15 @@ def load_corrections(ai_config: IntegrationConfig, shape: tuple[int, int]) -> Co
     return Corrections(**images)
 
 
-def check_opencl(ai_config: IntegrationConfig, cpu_fallback: bool = False) -> None:
-    """Fail clearly if ai_method = opencl and this machine has no OpenCL device."""
-    if ai_config.ai_method != "opencl" or cpu_fallback:
-        return
-    from pyFAI.method_registry import IntegrationMethod
-
-    dim = 1 if ai_config.n_slices == 1 else 2
-    found = IntegrationMethod.select_method(dim, ai_config.pixel_splitting, "csr", "opencl")
-    if not found:
-        raise ConfigError(
-            "azimuthal integration",
-            "ai_method",
-            "opencl",
-            f"no OpenCL device on {os.uname().nodename}; install an OpenCL driver "
-            "(e.g. pip install pocl-binary-distribution) or set ai_method = cython",
-        )
-
-
 def engine_method(ai_config: IntegrationConfig, cpu_fallback: bool):
-    """pyFAI's method: opencl on this worker's granted GPU (see tasks.gpu), else as configured."""
+    """pyFAI's method: opencl on this worker's device (see :mod:`tasks.gpu`), else as configured.
+
+    pyFAI registers its OpenCL methods when ``pyFAI.integrator.load_engines`` is imported;
+    in a fresh worker process nothing has imported it yet, so it is imported here first.
+    """
     if ai_config.ai_method != "opencl":
         return ai_config.method
+    import pyFAI.integrator.load_engines  # noqa: F401  (registers the OpenCL methods)
     from pyFAI.method_registry import IntegrationMethod
 
     from .gpu import worker_device
@@ -141,6 +182,11 @@ def attenuation(ai, ai_config: IntegrationConfig) -> np.ndarray:
     """Sensor efficiency at each pixel's incidence angle relative to normal incidence."""
     from pyFAI.detectors.sensors import ALL_MATERIALS
 
+    if ai.wavelength is None:
+        raise InputDataError(
+            ai_config.poni_file,
+            "no Wavelength: correct_detector_attenuation needs the beam energy",
+        )
     mu = ALL_MATERIALS[ai_config.sensor_material].mu(ai.energy, "cm^-1")
     depth = mu * ai_config.sensor_thickness_cm
     cos_tth = np.cos(ai.center_array(ai.detector.shape, unit="2th_rad", scale=False))
@@ -152,7 +198,9 @@ class Engine:
 
     Batches go through :mod:`.batched` (pyFAI's CSR matrix, many frames per product) when
     pyFAI's cython CSR engine is what the configuration asks for and its error model is one a
-    batch can propagate; otherwise each frame goes through pyFAI, as :meth:`integrate` does.
+    batch can propagate; otherwise each frame goes through pyFAI, as :meth:`integrate` does:
+    its OpenCL engine, the azimuthal error model, and trimming (``medfilt1d``,
+    ``sigma_clip_ng``, called as ESRF's integrator calls them).
     """
 
     def __init__(self, config: Config, threads: int | None = None, fused: bool | None = None):
@@ -164,20 +212,27 @@ class Engine:
         self.ai = load_geometry(self.config)
         self.shape = tuple(self.ai.detector.shape)
         self.corrections = load_corrections(self.config, self.shape)
-        self.absorption = (
-            attenuation(self.ai, self.config) if self.config.correct_detector_attenuation else None
-        )
+        self.radial_range = self.config.radial_range or integrator_radial_range(self.config)
+        self.absorption = attenuation(self.ai, self.config) if self._uses_attenuation() else None
         self.kwargs = self._kwargs()  # once: in 2D it folds absorption into a full-size flat
         self.radial, self.azimuthal = self._axes()
         self.why_not_batched = self._why_not_batched()
         self._batchers: dict[tuple, BatchIntegrator] = {}
-        self.provenance = provenance_of(self.config.poni_file)
+        self.provenance = provenance_of(self.config.poni_file) | {
+            "method": self.description(),
+            "radial_range": list(self.radial_range),
+        }
         if self.why_not_batched:
             log.info("frames integrated one by one by pyFAI: %s", self.why_not_batched)
 
     @property
     def is_2d(self) -> bool:
-        return self.config.n_slices > 1
+        return self.config.n_slices > 1 and not self.config.trim_method
+
+    def _uses_attenuation(self) -> bool:
+        """As the integrator: no attenuation with the median filter (medfilt1d has none)."""
+        c = self.config
+        return c.correct_detector_attenuation and c.trim_method != "median"
 
     def _kwargs(self) -> dict:
         c = self.config
@@ -191,9 +246,11 @@ class Engine:
             dark=self.corrections.dark,
             polarization_factor=c.polarization_factor,
             correctSolidAngle=c.correct_solid_angle,
-            error_model=c.error_model or None,
-            radial_range=c.radial_range,
+            radial_range=self.radial_range,
         )
+        if c.trim_method:
+            return kwargs | self._trim_kwargs(flat)
+        kwargs["error_model"] = c.error_model or None
         if self.is_2d:
             # integrate2d_ng has no absorption argument: it divides like a flat, so fold it in.
             if self.absorption is not None:
@@ -207,19 +264,42 @@ class Engine:
         kwargs["flat"] = flat
         return kwargs
 
-    def integrate(self, frame: np.ndarray, normalization: float = 1.0) -> FrameResult:
-        kwargs = self.kwargs
+    def _trim_kwargs(self, flat) -> dict:
+        """The arguments ESRF's integrator gives pyFAI's trimming functions, which run on
+        pyFAI's cython engine here (the integrator's azimuthal slices do not apply)."""
         c = self.config
-        if self.is_2d:
-            res = self.ai.integrate2d_ng(
-                frame, c.n_pts, c.n_slices, normalization_factor=normalization, **kwargs
-            )
-        else:
-            res = self.ai.integrate1d_ng(
-                frame, c.n_pts, normalization_factor=normalization, **kwargs
-            )
+        split = "no" if c.trim_method == "sigma_clip" else c.pixel_splitting
+        kwargs = {"flat": flat, "method": (split, "csr", "cython")}
+        if c.trim_method == "median":
+            kwargs |= {"npt_rad": c.n_pts, "npt_azim": c.trim_n_pts or c.n_pts, "dummy": 0.0}
+            if c.trim_bounds:
+                kwargs["percentile"] = (
+                    c.trim_bounds[0] if len(c.trim_bounds) == 1 else c.trim_bounds
+                )
+            return kwargs
+        kwargs |= {"npt": c.n_pts, "error_model": c.error_model or None}
+        kwargs["absorption"] = self.absorption
+        if c.trim_bounds:
+            kwargs["thres"] = c.trim_bounds[0]
+        return kwargs
+
+    def integrate(self, frame: np.ndarray, normalization: float = 1.0) -> FrameResult:
+        res = self._pyfai(frame, normalization)
         sigma = None if res.sigma is None else np.asarray(res.sigma, dtype=np.float32)
         return FrameResult(np.asarray(res.intensity, dtype=np.float32), sigma)
+
+    def _pyfai(self, frame: np.ndarray, normalization: float = 1.0, **changes):
+        """pyFAI's own result for one frame."""
+        c, kwargs = self.config, self.kwargs | changes
+        if c.trim_method == "median":
+            return self.ai.medfilt1d(frame, normalization_factor=normalization, **kwargs)
+        if c.trim_method == "sigma_clip":
+            return self.ai.sigma_clip_ng(frame, normalization_factor=normalization, **kwargs)
+        if self.is_2d:
+            return self.ai.integrate2d_ng(
+                frame, c.n_pts, c.n_slices, normalization_factor=normalization, **kwargs
+            )
+        return self.ai.integrate1d_ng(frame, c.n_pts, normalization_factor=normalization, **kwargs)
 
     @property
     def row_shape(self) -> tuple[int, ...]:
@@ -228,7 +308,24 @@ class Engine:
 
     @property
     def has_sigma(self) -> bool:
+        if self.config.trim_method == "median":
+            return False  # the median filter propagates no error
         return bool(self.config.error_model) and self.config.error_model != "none"
+
+    def description(self) -> str:
+        """The pyFAI method that actually runs, for the output (e.g. 'bbox/csr/cython batched',
+        'no/csr/opencl on Portable Computing Language: cpu-...')."""
+        c = self.config
+        if c.trim_method:
+            split, algo, impl = self.kwargs["method"]
+            name = "medfilt1d" if c.trim_method == "median" else "sigma_clip_ng"
+            return f"{split}/{algo}/{impl} {name} per frame"
+        split, algo, impl = _method_tuple(self.method)
+        text = f"{split}/{algo}/{impl}"
+        target = getattr(self.method, "target_name", None)
+        if target:
+            text += f" on {target}"
+        return text + (" per frame" if self.why_not_batched else " batched")
 
     def batch_size(self, itemsize: int, buffers: int = RING) -> int:
         """Frames per batch so that an engine's batches fit ``engine_memory_mb``: the reader's
@@ -251,6 +348,8 @@ class Engine:
         return self._batcher(frames).integrate(frames, monitor)
 
     def _why_not_batched(self) -> str:
+        if self.config.trim_method:
+            return f"trim_method {self.config.trim_method} (pyFAI filters each frame)"
         split, algo, impl = _method_tuple(self.method)
         if (algo, impl) != ("csr", "cython"):
             return f"method {split}/{algo}/{impl} (batches need the cython CSR engine)"
@@ -262,7 +361,8 @@ class Engine:
         return ""
 
     def _csr(self):
-        """pyFAI's own cython CSR engine for this configuration (built by :meth:`_axes`)."""
+        """pyFAI's own cython CSR engine for this configuration (built by :meth:`_axes`), and
+        its method: (method, engine) or None."""
         dim = 2 if self.is_2d else 1
         for method, engine in self.ai.engines.items():
             if (
@@ -270,7 +370,7 @@ class Engine:
                 and _method_tuple(method)[1:] == ("csr", "cython")
                 and getattr(engine, "engine", None) is not None
             ):
-                return engine.engine
+                return method, engine.engine
         return None
 
     def _batcher(self, frames: np.ndarray) -> BatchIntegrator:
@@ -284,7 +384,7 @@ class Engine:
 
     def _build_batcher(self, dummy: float | None, delta: float | None) -> BatchIntegrator:
         c, kw, shape = self.config, self.kwargs, self.shape
-        csr = self._csr()
+        method, csr = self._csr()
         data, indices, indptr = csr.lut
         matrix = sp.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, csr.size))
         dark = kw["dark"] if kw["dark"] is not None else self.ai.detector.darkcurrent
@@ -304,26 +404,36 @@ class Engine:
                     hit = np.abs(np.asarray(image, np.float32).ravel() - np.float32(dummy))
                     norm[hit <= np.float32(delta or 0.0)] = 0
         model = (c.error_model or "none").lower()
+        poisson = model in ("poisson", "hybrid")
         prep = Preprocessing(
             dark=None if dark is None else np.ascontiguousarray(dark, np.float32).ravel(),
             normalization=norm,
+            dark_variance=self._dark_variance(method) if poisson else None,
             dummy=dummy,
             delta_dummy=delta,
-            poisson=model in ("poisson", "hybrid"),
+            poisson=poisson,
             empty=float(self.ai._empty),
         )
         out = (c.n_slices, c.n_pts) if self.is_2d else (c.n_pts,)
         return BatchIntegrator(matrix, prep, out, self.threads, self.fused)
 
+    def _dark_variance(self, method) -> np.ndarray | None:
+        """``max(dark, 0)`` per pixel where pyFAI adds the given dark to the Poisson variance
+        before its engine runs: ``integrate2d_ng`` does so for engines that do not manage the
+        variance themselves (2D CSR without full splitting); 1D engines manage it."""
+        dark = self.corrections.dark
+        if dark is None or not self.is_2d or getattr(method, "manage_variance", True):
+            return None
+        return np.ascontiguousarray(np.maximum(dark, 0), np.float32).ravel()
+
     def _axes(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Radial (and azimuthal) bin centres, from one integration of a blank frame."""
         blank = np.zeros(self.shape, dtype=np.float32)
-        c = self.config
-        kwargs = self.kwargs | {"error_model": None}
+        res = (
+            self._pyfai(blank) if self.config.trim_method else self._pyfai(blank, error_model=None)
+        )
         if self.is_2d:
-            res = self.ai.integrate2d_ng(blank, c.n_pts, c.n_slices, **kwargs)
             return np.asarray(res.radial), np.asarray(res.azimuthal)
-        res = self.ai.integrate1d_ng(blank, c.n_pts, **kwargs)
         return np.asarray(res.radial), None
 
 

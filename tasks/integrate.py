@@ -156,6 +156,7 @@ def integrate_to_partial(task: FileTask, config, on_frames=None) -> int:
 
     ``on_frames(n)`` is told after each batch of n frames is integrated.
     """
+    from .discovery import check_monitor
     from .engine import engine_for  # pyFAI loads here, in the worker's child process
     from .partials import partial_writer
     from .readers import RING, BatchReader, open_frames
@@ -164,6 +165,7 @@ def integrate_to_partial(task: FileTask, config, on_frames=None) -> int:
     if task.n_frames == 0:
         raise InputDataError(task.path, f"no frames in {task.dataset}")
     norms = np.ones(task.n_frames) if task.monitor is None else np.asarray(task.monitor, float)
+    check_monitor(norms, f"{task.path}: monitor")  # planning checked it; a message may be forged
     with open_frames(task.path, task.dataset, engine.shape) as dset:
         # read ahead only with more than one core: on one, a read-ahead thread only takes
         # turns with the integration, and its ring of buffers costs batch size

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+from pathlib import Path
 
 import fabio
 import h5py
@@ -18,7 +20,9 @@ import pytest
 
 from tasks import batched, kernels
 from tasks.config import Config
-from tasks.engine import Engine
+from tasks.engine import Engine, integrator_radial_range
+
+from .conftest import ROOT
 
 LIMA = "/entry_0000/measurement/data"
 
@@ -61,10 +65,16 @@ def with_integration(config: Config, **changes) -> Config:
     )
 
 
-def reference(config: Config, frames, monitor):
-    """pyFAI's integrate1d_ng/integrate2d_ng, frame by frame, from the user's inputs."""
+def reference(config: Config, frames, monitor, ai=None):
+    """pyFAI's integrate1d_ng/integrate2d_ng, frame by frame, from the user's inputs.
+
+    ``ai``: the engine's own pyFAI integrator. pyFAI builds its full-splitting matrices with
+    threads in no fixed order, so two builds differ in the last bits, and in a bin whose
+    coefficients nearly cancel (full splitting at the edge of a radial range) that changes
+    the sign of pyFAI's own result from one process to the next; the same matrix does not.
+    """
     c = config.integration
-    ai = pyFAI.load(c.poni_file)
+    ai = ai or pyFAI.load(c.poni_file)
     kwargs = dict(
         unit=c.unit,
         method=c.method,
@@ -74,7 +84,8 @@ def reference(config: Config, frames, monitor):
         polarization_factor=c.polarization_factor,
         correctSolidAngle=c.correct_solid_angle,
         error_model=c.error_model or None,
-        radial_range=c.radial_range,
+        # empty: the integrator's range (checked against its formulas in test_pyfai_combinations)
+        radial_range=c.radial_range or integrator_radial_range(c),
     )
     if c.azimuthal_range[:2] != (-180.0, 180.0) or c.n_slices > 1:
         kwargs["azimuth_range"] = c.azimuthal_range[:2]
@@ -136,7 +147,7 @@ def test_batched_equals_pyfai_frame_by_frame(setup, changes, fused):
     assert engine.why_not_batched == ""
     assert engine._batcher(frames).fused is fused
     result = engine.integrate_batch(frames, monitor)
-    intensity, sigma = reference(config, frames, monitor)
+    intensity, sigma = reference(config, frames, monitor, engine.ai)
     assert result.intensity.shape == intensity.shape
     assert_close(result.intensity, intensity, 1e-5)
     if sigma is None:
@@ -266,3 +277,133 @@ def test_batch_size_follows_the_memory_budget(setup):
         b_large = Engine(large, threads=1, fused=fused).batch_size(4)
         assert 1 <= b_small < b_large <= 128
         assert b_small * pixels * per_pixel <= 64 * 2**20
+
+
+@pytest.mark.parametrize("fused", PATHS.values(), ids=PATHS.keys())
+@pytest.mark.parametrize("split", ["no", "bbox", "full"])
+def test_2d_with_a_dark_equals_pyfai(setup, split, fused):
+    """integrate2d_ng adds the dark to the Poisson variance where its engine does not manage
+    the variance (no/bbox splitting); the batch must do the same, and only there."""
+    config, frames, dark, _ = setup
+    config = with_integration(
+        config,
+        dark_file=dark,
+        pixel_splitting=split,
+        error_model="poisson",
+        azimuthal_range=(-180.0, 180.0, 36),
+        n_pts=300,
+    )
+    monitor = np.array([1.0, 0.8, 1.25, 1.1])[: len(frames)]
+    engine = Engine(config, threads=2, fused=fused)
+    assert engine.why_not_batched == ""
+    result = engine.integrate_batch(frames, monitor)
+    intensity, sigma = reference(config, frames, monitor, engine.ai)
+    assert_close(result.intensity, intensity, 1e-5)
+    assert_close(result.sigma, sigma, 1e-4)
+
+
+def integrator_trim(config: Config, frames, monitor):
+    """pyFAI's trimming called as ESRF's integrator calls it (mask, dark and flat given)."""
+    c = config.integration
+    ai = pyFAI.load(c.poni_file)
+    common = dict(
+        unit=c.unit,
+        polarization_factor=c.polarization_factor,
+        correctSolidAngle=c.correct_solid_angle,
+        radial_range=integrator_radial_range(c),
+        mask=fabio.open(c.mask_file).data,
+        dark=fabio.open(c.dark_file).data if c.dark_file else None,
+    )
+    out = []
+    for frame, m in zip(frames, monitor, strict=True):
+        if c.trim_method == "median":
+            res = ai.medfilt1d(
+                frame, npt_rad=c.n_pts, npt_azim=c.trim_n_pts or c.n_pts,
+                percentile=c.trim_bounds if len(c.trim_bounds) > 1 else c.trim_bounds[0],
+                dummy=0.0, method=(c.pixel_splitting, "csr", "cython"),
+                normalization_factor=float(m), **common,
+            )  # fmt: skip
+        else:
+            res = ai.sigma_clip_ng(
+                frame, npt=c.n_pts, thres=c.trim_bounds[0], error_model=c.error_model or None,
+                method=("no", "csr", "cython"), normalization_factor=float(m), **common,
+            )  # fmt: skip
+        out.append(res)
+    sigma = None if out[0].sigma is None else np.stack([r.sigma for r in out])
+    return np.stack([r.intensity for r in out]), sigma
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"trim_method": "median", "trim_bounds": (10.0, 90.0), "trim_n_pts": 90},
+        {"trim_method": "median", "trim_bounds": (50.0,), "pixel_splitting": "full"},
+        {"trim_method": "sigma_clip", "trim_bounds": (3.0,), "error_model": "poisson"},
+        {"trim_method": "sigma_clip", "trim_bounds": (4.0,), "error_model": "hybrid"},
+    ],
+    ids=["median 10-90", "median 50 full", "sigma_clip poisson", "sigma_clip hybrid"],
+)
+def test_trimming_equals_pyfai_called_as_the_integrator_does(setup, changes):
+    config, frames, dark, _ = setup
+    config = with_integration(
+        config, dark_file=dark, correct_detector_attenuation=False, n_pts=500, **changes
+    )
+    monitor = np.array([1.0, 0.8, 1.25, 1.1])[: len(frames)]
+    engine = Engine(config, threads=2)
+    assert "trim_method" in engine.why_not_batched
+    result = engine.integrate_batch(frames, monitor)
+    intensity, sigma = integrator_trim(config, frames, monitor)
+    assert_close(result.intensity, intensity, 1e-5)
+    assert engine.has_sigma == (sigma is not None)
+    if sigma is not None:
+        assert_close(result.sigma, sigma, 1e-4)
+    assert engine.provenance["method"].endswith("per frame")
+
+
+def test_opencl_works_in_a_fresh_process(setup, tmp_path):
+    """The engine built in a process that never imported pyFAI's integrators (as in a new
+    worker process) finds pyFAI's OpenCL methods and runs on PoCL's CPU device."""
+    import subprocess
+    import sys
+
+    config, frames, _, _ = setup
+    np.save(tmp_path / "frames.npy", frames[:2])
+    ini = tmp_path / "opencl.ini"
+    text = config.as_ini().replace("ai_method = cython", "ai_method = opencl")
+    ini.write_text(text.replace("cpu_fallback = 0", "cpu_fallback = 1"))
+    script = (
+        "import sys, numpy as np\n"
+        "from tasks.config import Config\nfrom tasks.engine import Engine\n"
+        f"engine = Engine(Config.from_file({str(ini)!r}), threads=1)\n"
+        f"frames = np.load({str(tmp_path / 'frames.npy')!r})\n"
+        "result = engine.integrate_batch(frames, np.ones(2))\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, result.intensity)\n"
+        "print(engine.provenance['method'])\n"
+    )  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+        cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "/csr/opencl on " in done.stdout and "per frame" in done.stdout
+    cython = with_integration(Config.from_file(ini), ai_method="cython")
+    intensity, _ = reference(cython, frames[:2], np.ones(2))
+    assert_close(np.load(tmp_path / "out.npy"), intensity, 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [("Distance: nan", "Distance"), ("Poni1: inf", "Poni1"), ("Distance: -0.1", "Distance")],
+)
+def test_a_geometry_that_cannot_be_right_is_an_error(setup, tmp_path, line, key):
+    from tasks.engine import load_geometry
+    from tasks.errors import InputDataError
+
+    config, _, _, _ = setup
+    poni = Path(config.integration.poni_file).read_text().splitlines()
+    name = line.split(":")[0]
+    broken = [line if row.startswith(f"{name}:") else row for row in poni]
+    path = tmp_path / "broken.poni"
+    path.write_text("\n".join(broken) + "\n")
+    with pytest.raises(InputDataError, match=rf"broken.poni: {key}: "):
+        load_geometry(dataclasses.replace(config.integration, poni_file=str(path)))
