@@ -273,8 +273,8 @@ def check_monitor(values: np.ndarray, where: str) -> None:
         frame = int(bad[0])
         raise InputDataError(
             where,
-            f"monitor value {values[frame]!r} at frame {frame} ({bad.size} frames not > 0 or "
-            "not finite): frames cannot be normalised by it",
+            f"monitor value {float(values[frame])} at frame {frame} ({bad.size} of "
+            f"{values.size} frames not > 0 or not finite): frames cannot be normalised by it",
         )
 
 

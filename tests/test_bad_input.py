@@ -123,3 +123,69 @@ def test_requeue_and_status_of_unknown_jobs(small_demo, tmp_path):
         run_cli("requeue", config, "nosuchjob", "--failed"), "job nosuchjob: unknown", code=1
     )
     assert_clean_error(run_cli("requeue", config, "nosuchjob"), "nothing selected", code=2)
+
+
+def test_a_poni_that_cannot_be_right(small_demo, tmp_path):
+    """A NaN distance would integrate every frame into empty bins: refused before any work."""
+    poni = tmp_path / "nan.poni"
+    with open(small_demo.poni) as fh:
+        lines = fh.read().splitlines()
+    poni.write_text(
+        "\n".join("Distance: nan" if ln.startswith("Distance:") else ln for ln in lines)
+    )
+    config = config_with(small_demo, tmp_path, azimuthal_integration={"poni_file": str(poni)})
+    assert_clean_error(run_cli("run", config), "nan.poni", "Distance: nan", "finite", code=2)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sensor_thickness_that_cannot_be_right(small_demo, tmp_path):
+    config = config_with(
+        small_demo,
+        tmp_path,
+        azimuthal_integration={"sensor_thickness_cm": "nan", "correct_detector_attenuation": "1"},
+    )
+    assert_clean_error(run_cli("run", config), "sensor_thickness_cm = 'nan'", "finite", code=2)
+
+
+def test_a_monitor_that_is_zero_for_some_frames(small_demo, tmp_path):
+    """Dividing by 0 would write infinities: that scan fails, named; the other is written."""
+    master = copy_dataset(small_demo, tmp_path)
+    with h5py.File(master, "a") as h5:
+        mon = h5["2.1/measurement/mon"]
+        values = mon[()]
+        values[2] = 0
+        mon[...] = values
+    config = config_with(small_demo, tmp_path, dataset={"location": str(master)})
+    result = run_cli("run", config)
+    assert_clean_error(result, "2.1/measurement/mon", "monitor value 0.0 at frame 2", code=1)
+    written = [p.name for p in (tmp_path / "out").rglob("*.h5")]
+    assert written == ["azint_sample_0001_scan0001_pilatus.h5"], written
+
+
+def test_a_key_in_the_wrong_section_stops_before_any_work(small_demo, tmp_path):
+    config = config_with(small_demo, tmp_path, dataset={"dark_file": small_demo.mask})
+    assert_clean_error(
+        run_cli("run", config), "[dataset] dark_file", "belongs in [azimuthal integration]", code=2
+    )
+
+
+def test_a_mask_in_its_older_section_is_moved_not_dropped(small_demo, tmp_path):
+    """The integrator still reads [dataset] mask_file: the job runs with the mask."""
+    import configparser
+
+    config = config_with(small_demo, tmp_path)
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
+    parser.read(config)
+    mask = parser.get("azimuthal integration", "mask_file")
+    parser.remove_option("azimuthal integration", "mask_file")
+    parser.set("dataset", "mask_file", mask)
+    with open(config, "w") as fh:
+        parser.write(fh)
+    result = run_cli("run", config, "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "deprecated: [dataset] mask_file belongs in [azimuthal integration]" in result.stderr
+    (output, *_) = sorted(last_json(result.stdout)["outputs"])
+    with h5py.File(output) as h5:
+        text = h5["1.1/ai/configuration/data"][()].decode()
+    assert f"mask_file = {mask}" in text
