@@ -3,11 +3,15 @@
 Runs as the body of the scan's chord, on the assembly queue, so it never occupies an
 integration engine. A scan with a failed file gets no final file: it is reported incomplete
 and its partials are kept for a later requeue.
+
+Output folders the planning created get ``[output] file_mode`` from the assembly that finds
+every scan writing into them finished (:func:`finish_folders`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -16,14 +20,14 @@ import warnings
 import h5py
 import numpy as np
 
-from . import registry
+from . import keys, registry
 from .app import app
 from .config import Config
 from .errors import RingflowError
 from .partials import PartialHeader, iter_rows, read_block, read_header
 from .payloads import ScanTask
 from .readers import batch_size, iter_batches, open_frames
-from .writers import CorrectedFrames, OutputStorage, ScanResult, Stream, write_nexus
+from .writers import Average, CorrectedFrames, OutputStorage, ScanResult, Stream, write_nexus
 
 log = logging.getLogger(__name__)
 AVERAGE_BYTES = 64 * 2**20  # partial rows held at once to average over frames
@@ -57,6 +61,7 @@ def assemble_scan(results: list[dict], payload: dict) -> dict:
             "message": f"{scan.output}: {message}" if scan.output not in message else message,
         }
     _remove_partials(scan.partials)
+    _finish_scan(payload, scan, config.output.file_mode)
     log.info(
         "%s: %d frames written to %s (%s, %d threads) in %.1f s",
         scan.scan_key,
@@ -87,18 +92,17 @@ def _dereference(payload: dict) -> dict:
 
 
 def build_result(scan: ScanTask, config: Config) -> ScanResult:
-    """The scan's output, its large datasets as streams read from the partials when written."""
+    """The scan's output, its large datasets as streams read from the partials when written.
+
+    Geometry, versions, method and radial range come from the partials' provenance (the
+    engines had pyFAI loaded; this task does not load it).
+    """
     headers = [read_header(path) for path in scan.partials]
     _check_rows(scan, headers)
     first = headers[0]
     n_frames = sum(h.shape[0] for h in headers)
     monitor = config.integration.monitor_name
-    if first.provenance is not None:
-        provenance = first.provenance
-    else:  # partials of an older ringflow
-        from .engine import provenance_of
-
-        provenance = provenance_of(config.integration.poni_file)
+    provenance = first.provenance
     return ScanResult(
         entry=scan.entry or "entry_0000",
         intensity=_rows(headers, "intensity", n_frames),
@@ -112,11 +116,20 @@ def build_result(scan: ScanTask, config: Config) -> ScanResult:
         configuration=config.as_ini(hide_secrets=True),
         geometry=provenance["geometry"],
         versions=_versions(provenance["pyFAI"]),
+        method=_method(headers),
+        radial_range=tuple(float(v) for v in provenance["radial_range"]),
         fingerprint=scan.fingerprint,
         metadata=_metadata(scan, config.output.try_metadata),
         average=_average(headers, config.integration.average_xy, n_frames),
         corrected=_corrected(headers, config, n_frames) if config.output.save_corrected else None,
     )
+
+
+def _method(headers: list[PartialHeader]) -> str:
+    """The pyFAI method that ran; the files of a scan may have run on different workers (an
+    OpenCL device each, or a CPU): then every distinct one, in file order, joined by "; "."""
+    methods = [str(h.provenance["method"]) for h in headers]
+    return "; ".join(dict.fromkeys(methods))
 
 
 def _check_rows(scan: ScanTask, headers: list[PartialHeader]) -> None:
@@ -140,20 +153,27 @@ def _rows(headers: list[PartialHeader], name: str, n_frames: int) -> Stream:
     return Stream((n_frames, *first.shape[1:]), first.dtype, slabs)
 
 
-def _average(headers: list[PartialHeader], kind: str, n_frames: int):
-    """Mean or median over all frames, block by block over the bins: bounded memory."""
+def _average(headers: list[PartialHeader], kind: str, n_frames: int) -> Average | None:
+    """``average_xy``: mean or median over all frames of the rows and of their errors."""
     if not kind:
         return None
+    errors = _reduce(headers, "sigma", kind, n_frames) if headers[0].has_sigma else None
+    return Average(kind, _reduce(headers, "intensity", kind, n_frames), errors)
+
+
+def _reduce(headers: list[PartialHeader], name: str, kind: str, n_frames: int) -> np.ndarray:
+    """nanmean or nanmedian over the frames of dataset ``name`` of the partials, block by
+    block over the bins: memory bounded by AVERAGE_BYTES, whatever the scan's length."""
     reduce = np.nanmean if kind == "mean" else np.nanmedian
     shape = headers[0].shape[1:]
     out = np.empty(shape, dtype=np.float32)
     per_bin = n_frames * headers[0].dtype.itemsize
     for where in bin_blocks(shape, per_bin, AVERAGE_BYTES):
-        stacked = np.concatenate([read_block(h.path, "intensity", where) for h in headers])
+        stacked = np.concatenate([read_block(h.path, name, where) for h in headers])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN bins stay NaN
             out[where] = reduce(stacked, axis=0)
-    return kind, out
+    return out
 
 
 def bin_blocks(shape: tuple[int, ...], per_bin: int, budget: int) -> list[tuple[slice, ...]]:
@@ -245,6 +265,58 @@ def _copyable(obj, n_frames: int) -> bool:
 
 def _scalar(value):
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _finish_scan(payload: dict, scan: ScanTask, mode: int) -> None:
+    """Mark the scan finished in the job's registry, then give ``mode`` to the folders whose
+    scans are all finished. Without a registry (a payload given whole) there is nothing to
+    do. A failure here leaves folders writable, never fails the written scan."""
+    ref = payload.get("ref")
+    if ref is None:
+        return
+    try:
+        scans = _mark_finished(ref["prefix"], ref["job_id"], scan.scan_key)
+        finish_folders(scans, scan.scan_key, mode)
+    except Exception as exc:
+        log.warning("%s: output folders keep their working mode: %s", scan.scan_key, exc)
+
+
+def _mark_finished(prefix: str, job_id: str, scan_key: str) -> dict[str, dict]:
+    """Set "finished" in the scan's registry entry, then read every scan of the job.
+
+    Each assembly writes its mark before it reads the others' (Redis runs one command at a
+    time), so of two finishing together the second sees both: a folder's last scan always
+    finds the others finished. Nothing else writes the entry of a scan being assembled.
+    """
+    client = app.backend.client
+    name = keys.job_scans(prefix, job_id)
+    entry = json.loads(client.hget(name, scan_key))
+    client.hset(name, scan_key, json.dumps(entry | {"finished": True}))
+    return registry.read_scans(client, prefix, job_id)
+
+
+def finish_folders(scans: dict[str, dict], scan_key: str, mode: int) -> list[str]:
+    """chmod ``mode`` on the folders of ``scan_key`` that no unfinished scan writes into.
+
+    ``scans`` is the job's registry (scan key -> entry). Each entry's "folders" are those
+    the planning created for its output, deepest first (:func:`tasks.jobs.scan_folders`);
+    they were kept owner-writable (:func:`tasks.writers.make_dirs`) until now. A scan is
+    "finished" once its output and text files are in and its partials removed, so nothing
+    more of the job is written into a folder whose scans all are. A scan that failed never
+    is, until a requeue completes it: its folders keep their working mode meanwhile. The
+    walk stops at the first folder still in use, whose parents then are too.
+    """
+    done = []
+    for folder in scans[scan_key].get("folders", []):
+        users = [entry for entry in scans.values() if folder in entry.get("folders", ())]
+        if not all(entry.get("finished") for entry in users):
+            break
+        try:
+            os.chmod(folder, mode)
+        except PermissionError:  # a parent closed by another scan finishing at the same time
+            break
+        done.append(folder)
+    return done
 
 
 def _remove_partials(paths: list[str]) -> None:

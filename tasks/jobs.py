@@ -2,6 +2,11 @@
 
 Planning (discovery, output paths, existing_output) happens in the client before anything is
 enqueued; problems with single files or scans are collected so the rest of the job runs.
+
+Output folders are created by the planning, owner-writable while the job runs; each scan's
+registry entry names those that hold its output, for the assembly to give them their final
+``[output] file_mode`` once every scan writing there is finished (see
+:func:`tasks.assemble.finish_folders`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class JobPlan:
     scans: list[tuple[ScanTask, list[FileTask]]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # outputs kept by existing_output
     problems: list[RingflowError] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)  # folders the planning created
 
     @property
     def file_tasks(self) -> list[FileTask]:
@@ -49,10 +55,10 @@ def plan_job(
     job_id = job_id or uuid.uuid4().hex[:12]
     found = discover(config)
     fingerprint = config.output_fingerprint()
-    todo, skipped, problems = [], [], list(found.problems)
+    todo, skipped, problems, created = [], [], list(found.problems), []
     for scan in found.scans:
         try:
-            output = _output_if_needed(config, scan, detector_shape, fingerprint)
+            output = _output_if_needed(config, scan, detector_shape, fingerprint, created)
         except RingflowError as exc:
             problems.append(exc)
             continue
@@ -61,14 +67,17 @@ def plan_job(
         else:
             skipped.append(output_path(config, scan))
     space = workspace(config) if found.scans else ""
-    plan = JobPlan(job_id, config, space, skipped=skipped, problems=problems)
+    plan = JobPlan(job_id, config, space, skipped=skipped, problems=problems, created=created)
     for scan, output in todo:
         plan.scans.append(_scan_payloads(plan, scan, output, fingerprint))
     return plan
 
 
-def _output_if_needed(config: Config, scan: Scan, shape, fingerprint: str) -> str | None:
-    """The output path if the scan must be processed, None if existing_output keeps it."""
+def _output_if_needed(
+    config: Config, scan: Scan, shape, fingerprint: str, created: list[str]
+) -> str | None:
+    """The output path if the scan must be processed, None if existing_output keeps it;
+    the folders created for it are added to ``created``."""
     if shape and tuple(scan.frame_shape) != tuple(shape):
         raise InputDataError(
             scan.slices[0].path,
@@ -78,8 +87,28 @@ def _output_if_needed(config: Config, scan: Scan, shape, fingerprint: str) -> st
     output = output_path(config, scan)
     if not must_process(config, output, fingerprint):
         return None
-    make_dirs(os.path.dirname(output), config.output.file_mode)
+    created += make_dirs(os.path.dirname(output), config.output.file_mode)
     return output
+
+
+def scan_folders(plan: JobPlan, output: str) -> list[str]:
+    """The folders the planning created that hold ``output``, deepest first: the assembly
+    gives them ``file_mode`` once their scans are finished. The workspace and the folders
+    above it are left out: its broker data, logs and later jobs' partials are written after
+    the job, and a mode without the owner's search bit would cut them off."""
+    workspace = os.path.abspath(plan.workspace) if plan.workspace else ""
+    folder = os.path.abspath(os.path.dirname(output))
+    holders = [
+        path
+        for path in plan.created
+        if _inside(folder, path) and not (workspace and _inside(workspace, path))
+    ]
+    return sorted(holders, key=len, reverse=True)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or below it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _scan_payloads(plan: JobPlan, scan: Scan, output: str, fingerprint: str):
@@ -169,7 +198,11 @@ def submit(app, plan: JobPlan, slots: list[int] | None = None) -> dict[str, str]
         task.task_id: task.to_dict() | {"slot": placement[task.task_id]} for task in plan.file_tasks
     }
     scans = {
-        scan.scan_key: {"scan": scan.to_dict(), "callback": callbacks[scan.scan_key]}
+        scan.scan_key: {
+            "scan": scan.to_dict(),
+            "callback": callbacks[scan.scan_key],
+            "folders": scan_folders(plan, scan.output),
+        }
         for scan, _ in plan.scans
     }
     registry.register_job(

@@ -18,6 +18,9 @@ from .errors import OutputError
 from .writers import atomic_h5
 
 SLAB_BYTES = 8 * 2**20  # rows read back at a time: what the writer holds besides its chunks
+# what the engine that wrote a partial says of itself (tasks.engine): geometry (PONI values
+# and text), pyFAI's version, the method that ran and the radial range passed to pyFAI
+PROVENANCE_KEYS = ("geometry", "pyFAI", "method", "radial_range")
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Partial:
     source_dataset: str
     source_frame: np.ndarray  # frame index in the source file, per row
     normalization: np.ndarray  # monitor value each row was divided by (1 without monitor)
+    provenance: dict  # PROVENANCE_KEYS, from the engine
 
 
 @dataclass
@@ -48,10 +52,11 @@ class PartialHeader:
     source_dataset: str
     source_frame: np.ndarray
     normalization: np.ndarray
-    provenance: dict | None = None  # geometry and pyFAI version, from the engine that wrote it
+    provenance: dict  # PROVENANCE_KEYS, from the engine that wrote it
 
 
 def write_partial(path: str, part: Partial) -> None:
+    """A whole partial at once (tests, tools); engines use :func:`partial_writer`."""
     with atomic_h5(path) as h5:
         h5["intensity"] = part.intensity
         if part.sigma is not None:
@@ -63,6 +68,12 @@ def write_partial(path: str, part: Partial) -> None:
         h5["normalization"] = part.normalization
         h5.attrs["source_file"] = part.source_file
         h5.attrs["source_dataset"] = part.source_dataset
+        h5.attrs["provenance"] = _provenance_text(part.provenance)
+
+
+def _provenance_text(provenance: dict) -> str:
+    """``provenance`` as JSON; numpy scalars and arrays as plain numbers and lists."""
+    return json.dumps(provenance, default=lambda value: np.asarray(value).tolist())
 
 
 class PartialWriter:
@@ -92,11 +103,12 @@ def partial_writer(
     source_dataset: str,
     source_frame: np.ndarray,
     normalization: np.ndarray,
-    provenance: dict | None = None,
+    provenance: dict,
 ) -> Iterator[PartialWriter]:
     """Rows go in through the yielded writer; the partial appears at ``path`` complete or not at
-    all, as :func:`write_partial`'s. ``provenance`` (JSON-able) spares the assembly task
-    from loading pyFAI to describe the geometry."""
+    all, as :func:`write_partial`'s. ``provenance`` (PROVENANCE_KEYS, stored as JSON, so any
+    key the engine adds travels) spares the assembly task from loading pyFAI to describe the
+    geometry and the method."""
     with atomic_h5(path) as h5:
         writer = PartialWriter(h5, rows, row_shape, sigma)
         yield writer
@@ -107,8 +119,7 @@ def partial_writer(
         h5["normalization"] = normalization
         h5.attrs["source_file"] = source_file
         h5.attrs["source_dataset"] = source_dataset
-        if provenance is not None:
-            h5.attrs["provenance"] = json.dumps(provenance)
+        h5.attrs["provenance"] = _provenance_text(provenance)
 
 
 @contextmanager
@@ -122,6 +133,7 @@ def _opened(path: str) -> Iterator[h5py.File]:
 
 
 def read_header(path: str) -> PartialHeader:
+    """Everything but the rows; a partial without its provenance is an error naming it."""
     with _opened(path) as h5:
         rows = h5["intensity"]
         return PartialHeader(
@@ -137,8 +149,23 @@ def read_header(path: str) -> PartialHeader:
             normalization=(
                 h5["normalization"][()] if "normalization" in h5 else np.ones(rows.shape[0])
             ),
-            provenance=json.loads(h5.attrs["provenance"]) if "provenance" in h5.attrs else None,
+            provenance=_provenance(path, h5.attrs.get("provenance")),
         )
+
+
+def _provenance(path: str, text: str | None) -> dict:
+    try:
+        provenance = json.loads(text) if text else {}
+    except ValueError as exc:
+        raise OutputError(path, f"partial result with unreadable provenance: {exc}") from None
+    missing = [key for key in PROVENANCE_KEYS if key not in provenance]
+    if missing:
+        raise OutputError(
+            path,
+            f"partial result without {', '.join(missing)} in its provenance (written by "
+            "another ringflow version): run its scan again",
+        )
+    return provenance
 
 
 def iter_rows(path: str, name: str, budget: int = SLAB_BYTES) -> Iterator[np.ndarray]:

@@ -22,21 +22,27 @@ from .codecs import Filters
 from .config import Config
 from .errors import OutputError
 
+OWNER_RWX = 0o700
+
 
 @contextmanager
-def atomic_h5(path: str, dir_mode: int = 0o755) -> Iterator[h5py.File]:
-    """An HDF5 file that appears at ``path`` only once fully written and closed."""
+def replacing(path: str, file_mode: int) -> Iterator[str]:
+    """A temporary name beside ``path`` to write; renamed to ``path`` with mode ``file_mode``
+    if the block ends well, removed otherwise.
+
+    The temporary is in the destination folder, so the rename is atomic; the mode is set by
+    chmod before the rename (the rename needs only the folder's permission), never through
+    the umask, so even 0o000 is exact.
+    """
     folder = os.path.dirname(path) or "."
-    make_dirs(folder, dir_mode)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         os.close(fd)
     except OSError as exc:
         raise OutputError(folder, f"cannot write here: {exc.strerror}") from None
     try:
-        with h5py.File(tmp, "w") as h5:
-            yield h5
-        os.chmod(tmp, 0o644)
+        yield tmp
+        os.chmod(tmp, file_mode)
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)
@@ -44,6 +50,19 @@ def atomic_h5(path: str, dir_mode: int = 0o755) -> Iterator[h5py.File]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+@contextmanager
+def atomic_h5(path: str, file_mode: int = 0o644) -> Iterator[h5py.File]:
+    """An HDF5 file that appears at ``path`` only once fully written and closed.
+
+    A missing folder is created with the default permissions: output folders are created,
+    with ``[output] file_mode``, by the planning (:func:`tasks.jobs.plan_job`); folders
+    created here are the workspace's partial folders.
+    """
+    make_dirs(os.path.dirname(path) or ".")
+    with replacing(path, file_mode) as tmp, h5py.File(tmp, "w") as h5:
+        yield h5
 
 
 def os_reason(exc: OSError) -> str:
@@ -55,13 +74,36 @@ def os_reason(exc: OSError) -> str:
     return (exc.strerror or str(exc)).splitlines()[0]
 
 
-def make_dirs(folder: str, mode: int = 0o755) -> None:
-    try:
-        os.makedirs(folder, mode=mode, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(folder, f"cannot create folder: {exc.strerror}") from None
+def make_dirs(folder: str, mode: int | None = None) -> list[str]:
+    """Create ``folder`` and its missing parents; return those created, outermost first.
+
+    With ``mode``, each folder created here is chmod-ed to ``mode | 0o700``: the group and
+    others bits of ``mode`` at once, but the owner's read, write and search kept while the
+    job runs, so that a mode like 0o555 or 0o077 cannot make the job's later files in it
+    fail. Its final ``mode`` comes once nothing more is written there
+    (:func:`tasks.assemble.finish_folders`). By chmod, not ``os.makedirs(mode=)``: that
+    one is filtered by the umask. A folder that existed is never touched.
+    """
+    path, missing = os.path.abspath(folder), []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    created = []
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # made meanwhile by someone else: not ours
+            continue
+        except OSError as exc:
+            raise OutputError(folder, f"cannot create folder: {exc.strerror}") from None
+        created.append(path)
+        if mode is not None:
+            os.chmod(path, mode | OWNER_RWX)
+    if not os.path.isdir(folder):
+        raise OutputError(folder, "cannot create folder: not a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(folder, "folder is not writable")
+    return created
 
 
 def _remove(path: str) -> None:
@@ -89,6 +131,16 @@ class CorrectedFrames:
     slabs: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
 
 
+@dataclass(frozen=True)
+class Average:
+    """``average_xy``: the mean or median over a scan's frames of its integrated rows and of
+    their errors (sigma), as ESRF's integrator reduces its stack."""
+
+    kind: str  # "mean" or "median"
+    intensity: np.ndarray  # (npt,) or (slices, npt)
+    errors: np.ndarray | None  # same shape; None without an error model
+
+
 @dataclass
 class ScanResult:
     """Everything the NeXus file of one scan holds, rows in acquisition order."""
@@ -105,9 +157,11 @@ class ScanResult:
     configuration: str  # INI text, secrets redacted
     geometry: dict  # PONI parameters
     versions: dict
+    method: str  # the pyFAI method that ran, as the engine named it
+    radial_range: tuple[float, float]  # passed to pyFAI, in ``unit``
     fingerprint: str
     metadata: dict  # {"positioners": {...}, "measurement": {...}, "title": ..., ...}
-    average: tuple[str, np.ndarray] | None = None
+    average: Average | None = None
     corrected: CorrectedFrames | None = None
 
 
@@ -138,27 +192,42 @@ class OutputStorage:
 
 
 def write_nexus(
-    path: str, result: ScanResult, storage: OutputStorage, dir_mode: int = 0o755
+    path: str, result: ScanResult, storage: OutputStorage, file_mode: int = 0o755
 ) -> None:
-    with atomic_h5(path, dir_mode) as h5, ChunkWriter(storage.threads, storage.in_flight) as pool:
-        h5.attrs.update(
-            NX_class="NXroot",
-            default=result.entry,
-            creator="ringflow",
-            file_time=_now(),
-            ringflow_fingerprint=result.fingerprint,
-        )
-        entry = _group(h5, result.entry, "NXentry", default="integrated")
-        for key in ("title", "start_time", "end_time"):
-            if key in result.metadata:
-                entry[key] = result.metadata[key]
-        _write_process(entry, result)
-        _write_data(entry, result, pool, storage.integrated)
-        _write_metadata(entry, result.metadata, pool, storage.integrated)
+    """The scan's NeXus file at ``path`` and, with ``average_xy``, its .xye text files.
+
+    The text files are written once every dataset of the HDF5 file is, and before its
+    rename: the .h5 under its final name (what ``existing_output`` looks at) means the whole
+    scan is written. Every file gets ``file_mode`` before it takes its final name.
+    """
+    with atomic_h5(path, file_mode) as h5:
+        with ChunkWriter(storage.threads, storage.in_flight) as pool:
+            _write_content(h5, result, pool, storage)
         if result.average is not None:
-            _write_average(entry, result, pool, storage.integrated)
-        if result.corrected is not None:
-            _write_corrected(entry, result.corrected, pool, storage)
+            write_average_text(path, result, file_mode)
+
+
+def _write_content(
+    h5: h5py.File, result: ScanResult, pool: ChunkWriter, storage: OutputStorage
+) -> None:
+    h5.attrs.update(
+        NX_class="NXroot",
+        default=result.entry,
+        creator="ringflow",
+        file_time=_now(),
+        ringflow_fingerprint=result.fingerprint,
+    )
+    entry = _group(h5, result.entry, "NXentry", default="integrated")
+    for key in ("title", "start_time", "end_time"):
+        if key in result.metadata:
+            entry[key] = result.metadata[key]
+    _write_process(entry, result)
+    _write_data(entry, result, pool, storage.integrated)
+    _write_metadata(entry, result.metadata, pool, storage.integrated)
+    if result.average is not None:
+        _write_average(entry, result, pool, storage.integrated)
+    if result.corrected is not None:
+        _write_corrected(entry, result.corrected, pool, storage)
 
 
 def _write_process(entry: h5py.Group, result: ScanResult) -> None:
@@ -166,6 +235,11 @@ def _write_process(entry: h5py.Group, result: ScanResult) -> None:
     process["program"] = "ringflow"
     process["version"] = result.versions.get("ringflow", "")
     process["date"] = _now()
+    process["method"] = result.method
+    radial_range = process.create_dataset(
+        "radial_range", data=np.asarray(result.radial_range, dtype=np.float64)
+    )
+    radial_range.attrs.update(units=_unit_of(result.unit), long_name=f"{result.unit} range")
     versions = _group(process, "versions", "NXcollection")
     for name, version in result.versions.items():
         versions[name] = version
@@ -249,13 +323,46 @@ def _write_metadata(entry: h5py.Group, metadata: dict, pool: ChunkWriter, storag
 def _write_average(
     entry: h5py.Group, result: ScanResult, pool: ChunkWriter, storage: Storage
 ) -> None:
-    kind, values = result.average
-    data = _group(entry, f"integrated_{kind}", "NXdata", signal="intensity")
-    pool.save(data, "intensity", values, storage)
-    pool.save(data, result.unit, result.radial, storage)
+    average = result.average
+    data = _group(entry, f"integrated_{average.kind}", "NXdata", signal="intensity")
+    intensity = pool.save(data, "intensity", average.intensity, storage)
+    intensity.attrs["long_name"] = f"{average.kind} over the scan's frames"
+    if average.errors is not None:
+        errors = pool.save(data, "errors", average.errors, storage)
+        errors.attrs["long_name"] = f"{average.kind} of the errors over the scan's frames"
+    radial = pool.save(data, result.unit, result.radial, storage)
+    radial.attrs.update(units=_unit_of(result.unit), long_name=result.unit)
     data.attrs["axes"] = [result.unit] if result.azimuthal is None else ["chi_deg", result.unit]
     if result.azimuthal is not None:
-        pool.save(data, "chi_deg", result.azimuthal, storage)
+        chi = pool.save(data, "chi_deg", result.azimuthal, storage)
+        chi.attrs.update(units="deg", long_name="azimuthal angle chi")
+
+
+def average_text_paths(output: str, slices: int) -> list[str]:
+    """The .xye files of ``output``, named as ESRF's integrator names them: ``.h5`` replaced
+    by ``.xye``; for a cake, one file per azimuthal slice, "azint" replaced by "azint01",
+    "azint02"... (only in the file name, whose "azint_" prefix it is)."""
+    folder, name = os.path.split(output)
+    base = (name[:-3] if name.endswith(".h5") else name) + ".xye"
+    if slices == 1:
+        return [os.path.join(folder, base)]
+    names = [base.replace("azint", f"azint{k:02d}", 1) for k in range(1, slices + 1)]
+    return [os.path.join(folder, name) for name in names]
+
+
+def write_average_text(output: str, result: ScanResult, file_mode: int) -> list[str]:
+    """The average as text beside ``output``: columns radial, I and, with errors, error;
+    "%.5f", no header (numpy.savetxt, as the integrator writes it). Each file is written
+    under a temporary name and renamed."""
+    average = result.average
+    intensity = average.intensity.reshape(-1, average.intensity.shape[-1])  # slices x npt
+    errors = None if average.errors is None else average.errors.reshape(intensity.shape)
+    paths = average_text_paths(output, 1 if result.azimuthal is None else len(intensity))
+    for k, path in enumerate(paths):
+        columns = [result.radial, intensity[k]] + ([] if errors is None else [errors[k]])
+        with replacing(path, file_mode) as tmp:
+            np.savetxt(tmp, np.transpose(columns), fmt="%.5f")
+    return paths
 
 
 def _group(parent: h5py.Group, name: str, nx_class: str, **attrs) -> h5py.Group:

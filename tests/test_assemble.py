@@ -28,6 +28,16 @@ PONI = "poni_version: 2\nDetector: Pilatus1M\nDistance: 0.2\nPoni1: 0.08\nPoni2:
 PONI += "Rot1: 0\nRot2: 0\nRot3: 0\nWavelength: 1e-10\n"
 
 
+def provenance(method: str = "bbox/csr/cython batched") -> dict:
+    """What an engine stores in its partials (tasks.engine.provenance_of and the method)."""
+    return {
+        "geometry": {"poni_file": "x.poni", "detector": "Pilatus 1M", "dist": 0.2},
+        "pyFAI": "2026.9.0",
+        "method": method,
+        "radial_range": [0.1, 50.0],
+    }
+
+
 def make_partials(tmp_path, rows_per_file, cake=False, seed=0) -> list[Partial]:
     rng = np.random.default_rng(seed)
     bins = (36, 500) if cake else (1000,)
@@ -45,16 +55,26 @@ def make_partials(tmp_path, rows_per_file, cake=False, seed=0) -> list[Partial]:
                 source_dataset="/entry_0000/measurement/data",
                 source_frame=np.arange(rows),
                 normalization=np.ones(rows),
+                provenance=provenance(),
             )
         )
     return parts
 
 
-def run_assembly(tmp_path, parts: list[Partial], output: dict[str, str]) -> str:
+def assemble_partials(
+    tmp_path,
+    parts: list[Partial],
+    output: dict[str, str],
+    integration: dict | None = None,
+    out: str = "",
+) -> tuple[dict, str]:
+    """The assembly's outcome on ``parts`` written as partials, and its output path (``out``,
+    else out/azint_scan.h5 in ``tmp_path``)."""
     (tmp_path / "x.poni").write_text(PONI)
+    ai = {"poni_file": str(tmp_path / "x.poni"), "unit": "q_nm^-1"} | (integration or {})
     mapping = {
         "dataset": {"location": str(tmp_path / "*.h5")},
-        "azimuthal integration": {"poni_file": str(tmp_path / "x.poni"), "unit": "q_nm^-1"},
+        "azimuthal integration": ai,
         "output": output,
     }
     config = Config.from_mapping(mapping)
@@ -62,7 +82,7 @@ def run_assembly(tmp_path, parts: list[Partial], output: dict[str, str]) -> str:
     for k, part in enumerate(parts):
         paths.append(str(tmp_path / "partials" / f"{k:04d}.h5"))
         write_partial(paths[-1], part)
-    out = str(tmp_path / "out" / "azint_scan.h5")
+    out = out or str(tmp_path / "out" / "azint_scan.h5")
     payload = ScanTask(
         job_id="j",
         prefix="t",
@@ -75,7 +95,13 @@ def run_assembly(tmp_path, parts: list[Partial], output: dict[str, str]) -> str:
         partials=paths,
         config=config.payload_mapping(),
     ).to_dict()
-    outcome = assemble_scan.run([{"status": "done"}] * len(parts), payload)
+    return assemble_scan.run([{"status": "done"}] * len(parts), payload), out
+
+
+def run_assembly(
+    tmp_path, parts: list[Partial], output: dict[str, str], integration: dict | None = None
+) -> str:
+    outcome, out = assemble_partials(tmp_path, parts, output, integration)
     assert outcome["status"] == "done", outcome
     assert not any((tmp_path / "partials").glob("*.h5"))  # removed once the output exists
     return out
@@ -148,13 +174,14 @@ def test_average_in_small_blocks_equals_numpy_on_everything(tmp_path, monkeypatc
         write_partial(str(tmp_path / f"{k}.h5"), part)
     headers = [read_header(str(tmp_path / f"{k}.h5")) for k in range(len(parts))]
     monkeypatch.setattr(assemble, "AVERAGE_BYTES", 12 * 4 * 7)  # 7 bins of 12 frames
-    _, average = assemble._average(headers, kind, 12)
-    stacked = np.concatenate([p.intensity for p in parts])
+    average = assemble._average(headers, kind, 12)
     reduce = np.nanmean if kind == "mean" else np.nanmedian
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        expected = reduce(stacked, axis=0).astype(np.float32)
-    np.testing.assert_allclose(average, expected, rtol=1e-6, equal_nan=True)
+    for got, name in ((average.intensity, "intensity"), (average.errors, "sigma")):
+        stacked = np.concatenate([getattr(p, name) for p in parts])
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            expected = reduce(stacked, axis=0).astype(np.float32)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, equal_nan=True)
 
 
 def test_bin_blocks_cover_every_bin_once():
