@@ -105,6 +105,18 @@ def peak_positions(x: np.ndarray, y: np.ndarray, n: int) -> list[float]:
     return centres
 
 
+def integrator_range(poni: str, unit: str) -> tuple[float, float]:
+    """The integrator's radial range for an empty radial_range, on a separate integrator:
+    min and max of the pixel centres (2theta in degrees, or q in 1/A from qArray)."""
+    ai = pyFAI.load(poni)
+    if unit == "2th_deg":
+        values = np.degrees(ai.center_array(unit="2th_rad"))
+    else:
+        assert unit == "q_A^-1"
+        values = ai.qArray() / 10
+    return float(values.min()), float(values.max())
+
+
 def test_2th_bbox_with_monitor_equals_pyfai(small_demo, tmp_path):
     config = edit_config(
         small_demo.config,
@@ -130,6 +142,7 @@ def test_2th_bbox_with_monitor_equals_pyfai(small_demo, tmp_path):
                 correctSolidAngle=True,
                 error_model="poisson",
                 normalization_factor=float(monitor[i]),
+                radial_range=integrator_range(small_demo.poni, "2th_deg"),
             )
             for i, frame in enumerate(frames)
         ]
@@ -279,6 +292,7 @@ def test_2d_caking_equals_integrate2d_ng(small_demo, tmp_path):
             correctSolidAngle=True,
             error_model="poisson",
             azimuth_range=(-180, 180),
+            radial_range=integrator_range(small_demo.poni, "q_A^-1"),
         )
         for frame in frames
     ]
