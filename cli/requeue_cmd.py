@@ -14,7 +14,7 @@ from worker_launcher.run import requeue_here
 
 from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, load_config, say, user_errors
 from .progress import frames_progress
-from .run_cmd import ignore_further_interrupts, install_interrupt_handlers
+from .run_cmd import ignore_further_interrupts, install_interrupt_handlers, say_local_notes
 from .status_cmd import show
 
 
@@ -53,6 +53,7 @@ def requeue_cmd(
 
 def requeue_locally(cfg: Config, job: str, selection: Selection) -> int:
     install_interrupt_handlers()
+    say_local_notes(cfg, [])
     try:
         with user_errors(), frames_progress(f"job {job}") as update:
             result, final = requeue_here(cfg, job, selection, update)

@@ -51,20 +51,37 @@ def execute(config: Config, as_json: bool = False) -> int:
 def plan_or_fail(config: Config, check_device: bool) -> JobPlan:
     """Check geometry and corrections, discover the scans; exit 2 on a user mistake.
 
-    ``check_device``: the OpenCL device is checked here only when this machine integrates.
+    ``check_device``: this machine integrates (``ringflow run``'s one local CPU worker): say
+    how its workers will run here (:func:`say_local_notes`).
     """
-    from tasks.engine import check_opencl, load_corrections, load_geometry
+    from tasks.engine import load_corrections, load_geometry
 
     try:
         ai = load_geometry(config.integration)  # light: no integration runs in this process
         load_corrections(config.integration, ai.detector.shape)
         if check_device:
-            check_opencl(config.integration, config.computations.cpu_fallback)
+            say_local_notes(config, [])
         plan = plan_job(config, detector_shape=tuple(ai.detector.shape))
         check_plan(plan)
     except RingflowError as exc:
         fail(exc, EXIT_USAGE)
     return plan
+
+
+def say_local_notes(config: Config, gpus: list[str]) -> None:
+    """One line each for what local workers on ``gpus`` (none: one CPU worker) do other than
+    configured: opencl on the CPU (no GPU here), fewer engines or threads (fewer CPUs here).
+    For every command that starts local workers: ``run``, ``workers local``, ``requeue``."""
+    from tasks.gpu import local_fallback_note
+    from worker_launcher.local import sizing_note
+
+    comp = config.computations
+    for note in (
+        local_fallback_note(config.integration.ai_method, comp.cpu_fallback),
+        sizing_note(config, gpus),
+    ):
+        if note:
+            say("note", note)
 
 
 def interrupt(signum, frame):

@@ -19,7 +19,7 @@ from worker_launcher.slurm import SlurmLauncher
 from worker_launcher.watch import interrupts_deferred, raise_if_stopped, uninterruptible
 
 from .common import EXIT_INTERRUPTED, err, load_config, say, user_errors
-from .run_cmd import ignore_further_interrupts, install_interrupt_handlers
+from .run_cmd import ignore_further_interrupts, install_interrupt_handlers, say_local_notes
 
 app = typer.Typer(help="Start, list and stop the deployment's workers.", no_args_is_help=True)
 CONFIG = typer.Argument(..., help="Configuration file (INI).")
@@ -134,6 +134,7 @@ def local(
             launcher = SlurmLauncher(cfg)  # same folder layout as SLURM workers
             url_file = write_url_file(launcher.folder, url)
             logs = f"{launcher.folder}/logs/local"
+            say_local_notes(cfg, ids)
             with interrupts_deferred():
                 workers = start_local_workers(cfg, url_file, logs, ids, first_slot=first_slot)
             for worker in workers.workers:

@@ -193,6 +193,18 @@ def attenuation(ai, ai_config: IntegrationConfig) -> np.ndarray:
     return ((1 - np.exp(-depth / cos_tth)) / (1 - np.exp(-depth))).astype(np.float32)
 
 
+ENGINE_THREADS_ENV = "RINGFLOW_ENGINE_THREADS"  # set by the job script: its threads per engine
+
+
+def engine_threads(config: Config) -> int:
+    """Threads of one engine: what the job script gives (a local run scales cores_per_worker
+    down to the machine's CPUs), else ``cores_per_worker``."""
+    given = os.environ.get(ENGINE_THREADS_ENV, "")
+    return (
+        int(given) if given.isdigit() and int(given) > 0 else config.computations.cores_per_worker
+    )
+
+
 class Engine:
     """Integrates frames with one configuration; cheap to call once built.
 
@@ -205,7 +217,7 @@ class Engine:
 
     def __init__(self, config: Config, threads: int | None = None, fused: bool | None = None):
         self.config = config.integration
-        self.threads = threads or config.computations.cores_per_worker
+        self.threads = threads or engine_threads(config)
         self.fused = fused  # None: the numba kernel where numba is installed (tests choose)
         self.memory = config.computations.engine_memory_mb * 2**20
         self.method = engine_method(self.config, config.computations.cpu_fallback)

@@ -24,6 +24,7 @@ from .errors import RingflowError, WorkerError
 
 log = logging.getLogger(__name__)
 LOCAL_WORKER_ENV = "RINGFLOW_LOCAL_WORKER"  # set by the local launcher: no GPU means the CPU
+START_CHECK_MARK = "ringflow worker:"  # starts the line a failed start check writes to its log
 GPU_VARS = (
     "CUDA_VISIBLE_DEVICES",
     "SLURM_STEP_GPUS",
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except RingflowError as exc:
         problem = str(exc)
     if problem:
-        print(f"ringflow worker: {problem}", file=sys.stderr, flush=True)
+        print(f"{START_CHECK_MARK} {problem}", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -407,3 +407,14 @@ def test_a_geometry_that_cannot_be_right_is_an_error(setup, tmp_path, line, key)
     path.write_text("\n".join(broken) + "\n")
     with pytest.raises(InputDataError, match=rf"broken.poni: {key}: "):
         load_geometry(dataclasses.replace(config.integration, poni_file=str(path)))
+
+
+def test_engine_threads_follow_the_job_script(setup, monkeypatch):
+    """A local run scales cores_per_worker down; the job script says so to each engine."""
+    from tasks.engine import ENGINE_THREADS_ENV, engine_threads
+
+    config, _, _, _ = setup
+    monkeypatch.delenv(ENGINE_THREADS_ENV, raising=False)
+    assert engine_threads(config) == config.computations.cores_per_worker
+    monkeypatch.setenv(ENGINE_THREADS_ENV, "3")
+    assert engine_threads(config) == 3

@@ -1,11 +1,15 @@
 """Jobs on shared workers (SLURM or `workers local`): enqueue, wait for workers, supervise.
 
-The supervisor runs in the client while it watches a job. It raises when no worker of the
-deployment is left, and moves the files of a GPU queue that has had no live consumer for
-``[queue] stranded_after`` seconds to the queues of live workers, so that no file waits
-forever for a worker that died or never started. When a worker vanishes (SIGKILL,
-``scancel``, a lost node), the files it had taken are handed back (:mod:`.recovery`) for a
-while afterwards: a file is handed back once no live worker lists it for ORPHAN_GRACE_S.
+Waiting for workers, and the supervisor that runs in the client while it watches a job, both
+raise as soon as no GPU worker job of the deployment is queued or running in SLURM, with each
+ended job's last words (a job whose worker cannot integrate says why in one line at its
+start, see :mod:`.script`) instead of waiting for ``worker_start_timeout``. The supervisor
+also raises when no worker of the deployment is left, and moves the files of a GPU queue that
+has had no live consumer for ``[queue] stranded_after`` seconds to the queues of live
+workers, so that no file waits forever for a worker that died or never started. When a
+worker vanishes (SIGKILL, ``scancel``, a lost node), the files it had taken are handed back
+(:mod:`.recovery`) for a while afterwards: a file is handed back once no live worker lists
+it for ORPHAN_GRACE_S.
 """
 
 from __future__ import annotations
@@ -61,14 +65,25 @@ def wait_for_workers(
         if can_run(nodes, prefix):
             return nodes
         jobs = launcher.jobs() if launcher else []
-        if launcher and not any(job.active for job in jobs):
-            raise WorkerError(f"no worker job of '{prefix}' is queued or running in SLURM")
+        raise_if_gpu_jobs_gone(launcher, jobs, prefix)
         if time.monotonic() > deadline:
             raise WorkerError(
                 f"no worker came up within {timeout:.0f} s "
                 f"([queue] worker_start_timeout){_slurm_states(launcher, jobs)}"
             )
         time.sleep(1.0)
+
+
+def raise_if_gpu_jobs_gone(launcher: SlurmLauncher | None, jobs, prefix: str) -> None:
+    """WorkerError naming why each ended job ended, once no GPU worker job is queued or
+    running: no file can be integrated, so waiting longer would only hide the reason."""
+    if not launcher or not launcher.gpu_jobs_gone(jobs):
+        return
+    why = "".join(f"\n  {line}" for line in launcher.why_ended(jobs))
+    raise WorkerError(
+        f"no GPU worker job of '{prefix}' is queued or running in SLURM; "
+        f"logs in {launcher.log_dir}{why}"
+    )
 
 
 def _slurm_states(launcher: SlurmLauncher | None, jobs) -> str:
@@ -126,11 +141,7 @@ class ClusterSupervisor:
     def _workers_missing(self, now: float) -> None:
         self._no_worker_since = self._no_worker_since or now
         jobs = self.launcher.jobs() if self.launcher else []
-        if self.launcher and not any(job.active for job in jobs):
-            raise WorkerError(
-                "all workers are gone: no worker job is queued or running in SLURM; "
-                f"logs in {self.launcher.log_dir}"
-            )
+        raise_if_gpu_jobs_gone(self.launcher, jobs, self.config.queue.queue_prefix)
         waited = now - self._no_worker_since
         if waited > self.config.queue.worker_start_timeout:
             raise WorkerError(

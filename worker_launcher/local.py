@@ -3,12 +3,15 @@
 Fresh processes, not forks of the caller: the caller may have run pyFAI (OpenMP), and a
 forked OpenMP runtime hangs. Each worker is a prefork pool whose children build their own
 pyFAI engines. A worker of GPU slot k sees only its GPU through CUDA_VISIBLE_DEVICES, as
-under SLURM.
+under SLURM. Unlike a SLURM job, a local worker runs in this interpreter, and its engines and
+threads are scaled down to the CPUs this process may use (:func:`local_sizing`): the
+configuration is usually written for a cluster node.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 
 from tasks.config import Config
 from tasks.errors import WorkerError
+from tasks.gpu import LOCAL_WORKER_ENV
 
 from .script import WorkerSpec, assemble_spec, gpu_spec, job_script
 
@@ -89,15 +93,77 @@ class LocalWorkers:
 
 
 def local_specs(
-    config: Config, gpus: list[str], first_slot: int = 0
+    config: Config, gpus: list[str], first_slot: int = 0, cpus: int | None = None
 ) -> list[tuple[WorkerSpec, dict[str, str]]]:
     """One integration worker per GPU id (slot first_slot + k sees GPU gpus[k]) or one CPU
-    worker (slot first_slot), and one assembly worker."""
+    worker (slot first_slot), and one assembly worker; integration workers sized to the
+    ``cpus`` of this process (:func:`local_sizing`)."""
+    engines, threads = local_sizing(*_asked(config), cpus or usable_cpus(), workers_for(gpus))
     specs = [
         (gpu_spec(config, first_slot + k), {"CUDA_VISIBLE_DEVICES": gpu})
         for k, gpu in enumerate(gpus)
     ] or [(gpu_spec(config, first_slot), {})]
-    return specs + [(assemble_spec(config), {})]
+    sized = [(_resized(spec, engines, threads), env) for spec, env in specs]
+    return sized + [(assemble_spec(config), {})]
+
+
+def local_sizing(engines: int, threads: int, cpus: int, workers: int = 1) -> tuple[int, int]:
+    """(engines, threads per engine) of each of ``workers`` local integration workers so that
+    together they use at most ``cpus``; unchanged when they fit.
+
+    Engines first (each integrates a file of its own; a thread more per engine gains less),
+    then what is left as threads, never more than configured. The assembly worker is not
+    counted: it compresses while no file integrates.
+    """
+    share = max(1, cpus // max(1, workers))
+    engines = max(1, min(engines, share))
+    return engines, max(1, min(threads, share // engines))
+
+
+def sizing_note(config: Config, gpus: list[str], cpus: int | None = None) -> str:
+    """The one line saying that :func:`local_specs` scaled the workers down; "" if it did not."""
+    cpus = cpus or usable_cpus()
+    workers = workers_for(gpus)
+    asked = _asked(config)
+    engines, threads = local_sizing(*asked, cpus, workers)
+    if (engines, threads) == asked:
+        return ""
+    each = f" x {workers} local GPU workers" if workers > 1 else ""
+    per = " per worker" if workers > 1 else ""
+    return (
+        f"ai_engines_per_worker = {asked[0]} x cores_per_worker = {asked[1]}{each} asks for "
+        f"{asked[0] * asked[1] * workers} CPUs, this machine gives {cpus}: running "
+        f"{_count(engines, 'engine')} x {_count(threads, 'thread')}{per}"
+    )
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity: a cgroup, taskset or SLURM allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def workers_for(gpus: list[str]) -> int:
+    """Local integration workers for these GPU ids: one per GPU, or one CPU worker."""
+    return max(1, len(gpus))
+
+
+def _asked(config: Config) -> tuple[int, int]:
+    comp = config.computations
+    return comp.ai_engines_per_worker, comp.cores_per_worker
+
+
+def _resized(spec: WorkerSpec, engines: int, threads: int) -> WorkerSpec:
+    """``spec`` with fewer engines or threads; as it was when they fit."""
+    if (spec.concurrency, spec.threads) == (engines, threads):
+        return spec
+    return dataclasses.replace(spec, concurrency=engines, threads=threads, cpus=engines * threads)
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def start_local_workers(
@@ -129,9 +195,10 @@ def _start(config: Config, spec: WorkerSpec, env: dict, url_file: str, folder: s
     tag = "l" + uuid.uuid4().hex[:6]
     script = os.path.join(folder, f"worker-{spec.role}-{tag}.sh")
     with open(script, "w") as fh:
-        fh.write(job_script(config, spec, url_file, folder))
+        fh.write(job_script(config, spec, url_file, folder, local=True))
     log = os.path.join(folder, f"worker-{spec.role}-{tag}.log")
-    full_env = dict(os.environ) | env | {"RINGFLOW_NODE_TAG": tag}
+    # a local worker without a GPU integrates on the CPU (tasks.gpu), as the client said
+    full_env = dict(os.environ) | env | {"RINGFLOW_NODE_TAG": tag, LOCAL_WORKER_ENV: "1"}
     with open(log, "ab") as out:
         process = subprocess.Popen(
             [shutil.which("bash") or "/bin/bash", script],

@@ -32,15 +32,25 @@ export RINGFLOW_ROLE={role}
 export RINGFLOW_SLOT={slot}
 export RINGFLOW_WARM_CONFIG={warm_config}
 export OMP_NUM_THREADS={threads} OPENBLAS_NUM_THREADS={threads} MKL_NUM_THREADS={threads}
+export RINGFLOW_ENGINE_THREADS={threads}
 export PYTHONPATH={pythonpath}"${{PYTHONPATH:+:$PYTHONPATH}}"
+{device_check}
 # exec: the worker itself gets SLURM's --signal, for a warm shutdown before the time limit.
 exec {python} -m celery -A tasks.app worker --pool=prefork --concurrency={concurrency} \\
     -Q {queue} -n {node_base}-"${{RINGFLOW_NODE_TAG:-j${{SLURM_JOB_ID:-$$}}}}"@%h \\
     --without-gossip --without-mingle -E --loglevel={loglevel}
 """
 
+# SLURM integration jobs only: a worker that cannot integrate (ai_method = opencl, no GPU, no
+# cpu_fallback) ends the job here with one line in its log, instead of failing every file
+DEVICE_CHECK = '[ -z "$RINGFLOW_WARM_CONFIG" ] || {python} -m tasks.gpu "$RINGFLOW_WARM_CONFIG"'
+NO_DEVICE_CHECK = "# no device check: {why}"
+
 LOG_LEVELS = {0: "WARNING", 1: "WARNING", 2: "INFO", 3: "DEBUG"}
 _SAFE = re.compile(r"[A-Za-z0-9_.:,=+/@%\-]+")
+_ENTRY = re.compile(
+    r"""\s*(?P<name>[A-Za-z0-9_.\-]+)\s*=\s*(?:'(?P<single>[^']*)'|"(?P<double>[^"]*)")\s*"""
+)
 
 
 @dataclass(frozen=True)
@@ -87,10 +97,17 @@ def assemble_spec(config: Config) -> WorkerSpec:
     )
 
 
-def job_script(config: Config, spec: WorkerSpec, url_file: str, log_dir: str) -> str:
-    """The full script text for ``spec``; SLURM directives included, no secret in it."""
-    comp = config.computations
+def job_script(
+    config: Config, spec: WorkerSpec, url_file: str, log_dir: str, local: bool = False
+) -> str:
+    """The full script text for ``spec``; SLURM directives included, no secret in it.
+
+    ``local``: run here with bash (``ringflow run``, ``workers local``): this interpreter, and
+    no device check (a local worker without a GPU integrates on the CPU, see :mod:`tasks.gpu`).
+    Otherwise a SLURM job: the cluster's interpreter (:func:`slurm_python`).
+    """
     prefix = config.queue.queue_prefix
+    python = shlex.quote(sys.executable if local else slurm_python(config))
     return JOB_SCRIPT.format(
         directives="\n".join(
             f"#SBATCH {line}" for line in sbatch_directives(config, spec, log_dir)
@@ -106,10 +123,53 @@ def job_script(config: Config, spec: WorkerSpec, url_file: str, log_dir: str) ->
         warm_config=shlex.quote(config.source) if spec.slot is not None and config.source else "",
         threads=int(spec.threads),
         pythonpath=shlex.quote(project_root()),
-        python=shlex.quote(comp.python_executables or sys.executable),
+        device_check=device_check(spec, python, local),
+        python=python,
         concurrency=int(spec.concurrency),
         loglevel=LOG_LEVELS.get(config.pipeline.verbosity, "INFO"),
     )
+
+
+def device_check(spec: WorkerSpec, python: str, local: bool) -> str:
+    """The script's line that checks the job's device at start, or a comment saying why none:
+    only a SLURM integration job needs a GPU and has no one to fall back on."""
+    if local:
+        return NO_DEVICE_CHECK.format(why="a local worker without a GPU integrates on the CPU")
+    if spec.slot is None:
+        return NO_DEVICE_CHECK.format(why="the assembly worker needs no GPU")
+    return DEVICE_CHECK.format(python=python)
+
+
+def slurm_python(config: Config) -> str:
+    """The interpreter of the SLURM jobs: ``python_executables``, the entry of the job's
+    partition when it names one per partition (``gpu='/path'; p9gpu='/path2'``, as ESRF's
+    integrator reads it), this interpreter when empty. A cluster path need not exist here."""
+    comp = config.computations
+    value = python_executables(comp.python_executables)
+    if isinstance(value, str):
+        return value or sys.executable
+    if comp.partition not in value:
+        reason = f"no entry for partition {comp.partition!r} (entries: {', '.join(value)})"
+        raise ConfigError(
+            "computations distribution", "python_executables", comp.python_executables, reason
+        )
+    return value[comp.partition]
+
+
+def python_executables(text: str) -> str | dict[str, str]:
+    """One interpreter path, or partition -> path for the integrator's ``name='path';`` form
+    (recognised, as the integrator does, by a ``;``, or by a single quoted entry)."""
+    text = text.strip()
+    if ";" not in text and not _ENTRY.fullmatch(text):
+        return text
+    entries = {}
+    for part in filter(str.strip, text.split(";")):
+        match = _ENTRY.fullmatch(part)
+        if not match:
+            reason = "expected one path, or name='path'; entries (one per partition)"
+            raise ConfigError("computations distribution", "python_executables", text, reason)
+        entries[match["name"]] = match["single"] if match["single"] is not None else match["double"]
+    return entries
 
 
 def sbatch_directives(config: Config, spec: WorkerSpec, log_dir: str) -> list[str]:

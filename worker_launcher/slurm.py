@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from tasks import keys
 from tasks.config import Config
 from tasks.errors import WorkerError
+from tasks.gpu import START_CHECK_MARK
 from tasks.outputs import deployment_dir
 
 from .broker import write_url_file
@@ -24,6 +25,7 @@ JOB_ID = re.compile(r"^(?P<job_id>\d+)(;\S+)?$")
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
 SQUEUE_FORMAT = "%i|%j|%T|%r|%N|%M"
 CALL_TIMEOUT = 60
+LOG_TAIL_BYTES = 64 * 1024
 
 
 class SlurmError(WorkerError):
@@ -72,6 +74,7 @@ class SlurmLauncher:
         self.prefix = config.queue.queue_prefix
         self.folder = deployment_dir(config)
         self.log_dir = os.path.join(self.folder, "logs", "slurm")
+        self.submitted: dict[str, str] = {}  # job name -> id of the jobs submit() returned
 
     def specs(self) -> list[WorkerSpec]:
         slots = range(self.config.computations.n_workers)
@@ -106,6 +109,7 @@ class SlurmLauncher:
                 submitted.append((spec, running[spec.job_name], False))
                 continue
             submitted.append((spec, self._sbatch(spec), True))
+        self.submitted = {spec.job_name: job_id for spec, job_id, _ in submitted}
         return submitted
 
     def _sbatch(self, spec: WorkerSpec) -> str:
@@ -136,10 +140,41 @@ class SlurmLauncher:
             return set()
         return {job.job_id for job in self.jobs() if job.active} & set(ids)
 
+    def log_path(self, name: str, job_id: str) -> str:
+        """The job's log, as its ``--output`` directive names it."""
+        return os.path.join(self.log_dir, f"{name}-{job_id}.log")
+
     def log_tail(self, job: SlurmJob, lines: int = 3) -> str:
-        path = os.path.join(self.log_dir, f"{job.name}-{job.job_id}.log")
         try:
-            with open(path, errors="replace") as fh:
+            with open(self.log_path(job.name, job.job_id), errors="replace") as fh:
                 return "".join(fh.readlines()[-lines:]).strip()
         except OSError:
             return ""
+
+    def gpu_jobs_gone(self, jobs: list[SlurmJob]) -> bool:
+        """No GPU worker job of this deployment is queued or running any more (``jobs``:
+        squeue's view): nothing can integrate, whatever the assembly job does."""
+        gpu_names = {spec.job_name for spec in self.specs() if spec.slot is not None}
+        return not any(job.active and job.name in gpu_names for job in jobs)
+
+    def why_ended(self, jobs: list[SlurmJob]) -> list[str]:
+        """'<name> (SLURM job <id>): <line>' for each submitted job that squeue no longer lists
+        as active: its start check's line, else its log's last line."""
+        active = {job.job_id for job in jobs if job.active}
+        return [
+            f"{name} (SLURM job {job_id}): {self._last_words(name, job_id)}"
+            for name, job_id in self.submitted.items()
+            if job_id not in active
+        ]
+
+    def _last_words(self, name: str, job_id: str) -> str:
+        """The log's tail only: a job that ran for hours may have left a long one."""
+        try:
+            with open(self.log_path(name, job_id), "rb") as fh:
+                fh.seek(max(0, os.fstat(fh.fileno()).st_size - LOG_TAIL_BYTES))
+                text = fh.read().decode(errors="replace")
+        except OSError:
+            return "no log"
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        marked = [line for line in lines if line.startswith(START_CHECK_MARK)]
+        return (marked or lines or ["empty log"])[-1]
