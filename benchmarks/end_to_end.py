@@ -179,6 +179,7 @@ METHOD = $method
 POLARIZATION_FACTOR = $polarization_factor
 CORRECT_SOLID_ANGLE = $correct_solid_angle
 ERROR_MODEL = $error_model
+RADIAL_RANGE = $radial_range
 
 master, out_dir = sys.argv[1], sys.argv[2]
 os.makedirs(out_dir, exist_ok=True)
@@ -207,6 +208,7 @@ for name in scans:
                     polarization_factor=POLARIZATION_FACTOR,
                     correctSolidAngle=CORRECT_SOLID_ANGLE,
                     error_model=ERROR_MODEL,
+                    radial_range=RADIAL_RANGE,
                     normalization_factor=float(monitors[name][len(intensity)]),
                 )
                 intensity.append(result.intensity)
@@ -238,7 +240,17 @@ def script_text(settings: Settings, data: Dataset) -> str:
         polarization_factor=repr(settings.polarization_factor),
         correct_solid_angle=repr(settings.correct_solid_angle),
         error_model=repr(settings.error_model),
+        radial_range=repr(radial_range_of(settings, data)),
     )
+
+
+def radial_range_of(settings: Settings, data: Dataset) -> tuple[float, float]:
+    """The radial range ringflow uses for the INI's empty radial_range (the integrator's:
+    min and max of the pixel centres), written into the script as a constant."""
+    from tasks.config import IntegrationConfig
+    from tasks.engine import integrator_radial_range
+
+    return integrator_radial_range(IntegrationConfig(poni_file=str(data.poni), unit=settings.unit))
 
 
 def ringflow_ini(settings: Settings, data: Dataset, out_dir: Path) -> str:

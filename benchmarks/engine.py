@@ -78,6 +78,8 @@ def pyfai_loop(config, frames: np.ndarray, monitor: np.ndarray):
     import fabio
     import pyFAI
 
+    from tasks.engine import integrator_radial_range
+
     c = config.integration
     ai = pyFAI.load(c.poni_file)
     kwargs = dict(
@@ -87,6 +89,8 @@ def pyfai_loop(config, frames: np.ndarray, monitor: np.ndarray):
         polarization_factor=c.polarization_factor,
         correctSolidAngle=c.correct_solid_angle,
         error_model=c.error_model,
+        # an empty radial_range is the integrator's range, which ringflow passes to pyFAI
+        radial_range=c.radial_range or integrator_radial_range(c),
     )
     if c.n_slices > 1:
         kwargs["azimuth_range"] = c.azimuthal_range[:2]
