@@ -65,7 +65,7 @@ def with_integration(config: Config, **changes) -> Config:
     )
 
 
-def reference(config: Config, frames, monitor, ai=None):
+def reference(config: Config, frames, monitor, ai=None, norms: list | None = None):
     """pyFAI's integrate1d_ng/integrate2d_ng, frame by frame, from the user's inputs.
 
     ``ai``: the engine's own pyFAI integrator. pyFAI builds its full-splitting matrices with
@@ -98,13 +98,18 @@ def reference(config: Config, frames, monitor, ai=None):
         return ai.integrate1d_ng(frame, c.n_pts, normalization_factor=monitor, **kwargs)
 
     results = [run(f, float(m)) for f, m in zip(frames, monitor, strict=True)]
+    if norms is not None:  # each bin's sum of coefficient x normalization, as pyFAI had it
+        norms.append(np.stack([np.asarray(r.sum_normalization) for r in results]))
     sigma = None if results[0].sigma is None else np.stack([r.sigma for r in results])
     return np.stack([r.intensity for r in results]), sigma
 
 
-def assert_close(actual, expected, rtol):
-    """Relative to each value, or to 1e-3 of its row's largest for near-empty bins."""
+def assert_close(actual, expected, rtol, skip=None):
+    """Relative to each value, or to 1e-3 of its row's largest for near-empty bins; ``skip``:
+    bins left out (see :func:`cancelling_bins`)."""
     expected = np.asarray(expected, np.float64)
+    if skip is not None:
+        actual, expected = np.where(skip, 0, actual), np.where(skip, 0, expected)
     rows = expected.reshape(len(expected), -1)
     floor = 1e-3 * np.abs(rows).max(axis=1).reshape((-1,) + (1,) * (expected.ndim - 1))
     error = np.abs(actual - expected) / np.maximum(np.abs(expected), floor)
@@ -297,9 +302,22 @@ def test_2d_with_a_dark_equals_pyfai(setup, split, fused):
     engine = Engine(config, threads=2, fused=fused)
     assert engine.why_not_batched == ""
     result = engine.integrate_batch(frames, monitor)
-    intensity, sigma = reference(config, frames, monitor, engine.ai)
-    assert_close(result.intensity, intensity, 1e-5)
-    assert_close(result.sigma, sigma, 1e-4)
+    norms: list = []
+    intensity, sigma = reference(config, frames, monitor, engine.ai, norms)
+    skip = cancelling_bins(norms[0]).reshape(intensity.shape) if split == "full" else None
+    assert skip is None or skip.mean() < 1e-3  # a handful of bins, never a real part
+    assert_close(result.intensity, intensity, 1e-5, skip)
+    assert_close(result.sigma, sigma, 1e-4, skip)
+
+
+def cancelling_bins(norm: np.ndarray) -> np.ndarray:
+    """Bins whose coefficients nearly cancel (sum of coefficient x normalization below 1e-4 of
+    the frame's median): pyFAI's full-splitting 2D matrix with a radial range has a few near
+    the outer radius, built differently from one process to the next, and a value divided by
+    almost zero there is float rounding, in pyFAI as in the batch."""
+    norm = np.abs(np.asarray(norm, np.float64)).reshape(len(norm), -1)
+    typical = np.array([np.median(row[row > 0]) for row in norm])[:, None]
+    return ((norm > 0) & (norm < 1e-4 * typical)).reshape(norm.shape)
 
 
 def integrator_trim(config: Config, frames, monitor):

@@ -9,11 +9,11 @@ as an unprivileged user, since root ignores permission bits, and once through th
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-import traceback
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +35,7 @@ from tasks.writers import (
     write_average_text,
 )
 
-from .conftest import edit_config, last_json, run_cli
+from .conftest import ROOT, edit_config, last_json, run_cli
 from .test_assemble import assemble_partials, make_partials, provenance, run_assembly
 
 NOBODY = 65534
@@ -312,29 +312,36 @@ def opened_modes(base: str) -> dict[str, int]:
     return modes
 
 
-def in_unprivileged_process(fn, *args) -> None:
-    """``fn(*args)`` as "nobody" in a child process when the tests run as root: root ignores
-    permission bits, so a folder's mode would prove nothing. Here directly otherwise."""
+def in_unprivileged_process(fn, base: str, *args) -> None:
+    """``fn(base, *args)`` as "nobody" when the tests run as root: root ignores permission
+    bits, so a folder's mode would prove nothing. Here directly otherwise.
+
+    In a fresh Python process, not a fork of this one: the test process may have run pyFAI's
+    OpenMP code or hold h5py's lock, and a forked child of it can hang forever. That process
+    first runs ``fn`` as root in a scratch folder, which imports every module it needs, then
+    becomes "nobody" (who cannot read root's interpreter) and runs it in ``base``.
+    """
     if os.geteuid() != 0:
-        fn(*args)
+        fn(base, *args)
         return
-    context = multiprocessing.get_context("fork")
-    errors = context.SimpleQueue()
-
-    def child():
-        try:
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            fn(*args)
-            errors.put("")
-        except BaseException:
-            errors.put(traceback.format_exc())
-
-    process = context.Process(target=child)
-    process.start()
-    process.join(120)
-    error = errors.get() if not errors.empty() else f"exit code {process.exitcode}"
-    assert not error, error
+    scratch = tempfile.mkdtemp(prefix="ringflow-warm-")
+    code = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        f"from tests.{Path(__file__).stem} import {fn.__name__} as fn\n"
+        "try:\n"  # as root its permission checks cannot hold: only the imports count
+        f"    fn({scratch!r}, *{args!r})\n"
+        "except BaseException:\n    pass\n"
+        f"os.setgid({NOBODY})\nos.setuid({NOBODY})\n"
+        f"fn({base!r}, *{args!r})\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("mode", [0o555, 0o077, 0o000], ids=lambda m: f"{m:03o}")
