@@ -34,20 +34,12 @@ import numpy as np  # noqa: E402
 
 from tasks.demo import DemoSpec, write_demo  # noqa: E402  (common put the repo on sys.path)
 from tests.test_config import filled_template  # noqa: E402
+from tests.test_integrator_template import user_values  # noqa: E402
 
 
 def template_for(demo, folder: Path, **computations: str) -> Path:
     """The integrator's template with only the user's values (and ``computations``) set."""
-    changes = {
-        "dataset": {"location": demo.dataset},
-        "azimuthal integration": {
-            "detector": "Pilatus1M",
-            "detector_name": "pilatus",
-            "mask_file": demo.mask,
-            "poni_file": demo.poni,
-        },
-        "output": {"location": str(folder / "out")},
-    }
+    changes = user_values(demo, folder / "out")
     folder.mkdir(parents=True, exist_ok=True)
     path = filled_template(folder, changes)
     if computations:  # keys the template lacks go at the end of their section
