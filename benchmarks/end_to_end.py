@@ -1,4 +1,4 @@
-"""End-to-end throughput (issue 6): ``ringflow run`` against the script a scientist would write.
+"""End-to-end throughput: ``ringflow run`` against the script a scientist would write.
 
 Both integrate the same Bliss dataset (Pilatus-1M frames of LaB6 rings with Poisson noise,
 bitshuffle-LZ4 Lima files, from :mod:`tasks.demo`) with the same PONI, mask, 1000 bins in

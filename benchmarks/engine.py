@@ -1,4 +1,4 @@
-"""Engine throughput and memory (issue 6): ringflow's batched engine against pyFAI's loop.
+"""Engine throughput and memory: ringflow's batched engine against pyFAI's loop.
 
 Engine: the same Pilatus-1M frames (LaB6 rings with Poisson noise, from :mod:`tasks.demo`)
 integrated (a) by pyFAI, ``integrate1d_ng`` / ``integrate2d_ng`` one frame at a time with

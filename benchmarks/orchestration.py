@@ -1,6 +1,6 @@
 """Orchestration benchmark: what ringflow costs per file beyond the integration itself.
 
-Two figures, each against the issue's target on 2 cores (issue 6, section "orchestration"):
+Two figures, each against its target on 2 cores:
 
 1. Per-file task overhead, in ms of wall time per file. Datasets of one-frame Lima files of a
    120 x 80 detector (``imxpad_s10``: one integration takes well under a millisecond, shown on

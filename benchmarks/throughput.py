@@ -1,4 +1,4 @@
-"""The throughput benchmark (issue 6): every section, one table, ratios from this run only.
+"""The throughput benchmark: every section, one table, ratios from this run only.
 
 Sections (each module also runs alone):
 - ``engine.py``: batched engine vs pyFAI frame by frame, 1D and 2D; peak RSS of one engine on
