@@ -11,7 +11,6 @@ every scan writing into them finished (:func:`finish_folders`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ import warnings
 import h5py
 import numpy as np
 
-from . import keys, registry
+from . import registry
 from .app import app
 from .config import Config
 from .errors import RingflowError
@@ -275,24 +274,11 @@ def _finish_scan(payload: dict, scan: ScanTask, mode: int) -> None:
     if ref is None:
         return
     try:
-        scans = _mark_finished(ref["prefix"], ref["job_id"], scan.scan_key)
+        client = app.backend.client
+        scans = registry.mark_scan_finished(client, ref["prefix"], ref["job_id"], scan.scan_key)
         finish_folders(scans, scan.scan_key, mode)
     except Exception as exc:
         log.warning("%s: output folders keep their working mode: %s", scan.scan_key, exc)
-
-
-def _mark_finished(prefix: str, job_id: str, scan_key: str) -> dict[str, dict]:
-    """Set "finished" in the scan's registry entry, then read every scan of the job.
-
-    Each assembly writes its mark before it reads the others' (Redis runs one command at a
-    time), so of two finishing together the second sees both: a folder's last scan always
-    finds the others finished. Nothing else writes the entry of a scan being assembled.
-    """
-    client = app.backend.client
-    name = keys.job_scans(prefix, job_id)
-    entry = json.loads(client.hget(name, scan_key))
-    client.hset(name, scan_key, json.dumps(entry | {"finished": True}))
-    return registry.read_scans(client, prefix, job_id)
 
 
 def finish_folders(scans: dict[str, dict], scan_key: str, mode: int) -> list[str]:

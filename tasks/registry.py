@@ -115,6 +115,19 @@ def reopen(client, prefix: str, job_id: str, task_ids: list[str], scans: dict[st
     pipe.execute()
 
 
+def mark_scan_finished(client, prefix: str, job_id: str, scan_key: str) -> dict[str, dict]:
+    """Set "finished" in the scan's entry, then read every scan of the job.
+
+    Each assembly writes its mark before it reads the others' (Redis runs one command at a
+    time), so of two finishing together the second sees both: a folder's last scan always
+    finds the others finished. Nothing else writes the entry of a scan being assembled.
+    """
+    name = keys.job_scans(prefix, job_id)
+    entry = json.loads(client.hget(name, scan_key))
+    client.hset(name, scan_key, json.dumps(entry | {"finished": True}))
+    return read_scans(client, prefix, job_id)
+
+
 def _record(
     client, prefix: str, job_id: str, counter: str, name: str, task_id: str, info: dict, ttl: int
 ) -> None:
