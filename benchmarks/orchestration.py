@@ -358,7 +358,7 @@ def synthetic_plan(base, n_tasks: int):
 def enqueue_section(short: bool) -> Section:
     """Part 2, in its own process: submit a big plan to a fresh Redis, nothing consuming."""
     from tasks import keys
-    from tasks.app import configure
+    from tasks.app import configure_for
     from tasks.config import Config
     from tasks.jobs import plan_job, submit
     from worker_launcher.redis_server import start_embedded_redis
@@ -369,7 +369,7 @@ def enqueue_section(short: bool) -> Section:
         plan = synthetic_plan(plan_job(config), n_tasks)
         server = start_embedded_redis(os.path.join(tmp, "redis"), persistent=True)
         try:
-            app = configure(server.url, config.queue.task_time_limit)
+            app = configure_for(server.url, config.queue)
             client = app.backend.client
             client.ping()  # connected before the clock starts, as after plan_job in a run
             start = time.perf_counter()

@@ -17,19 +17,32 @@ from .run_cmd import ignore_further_interrupts, install_interrupt_handlers
 
 
 def flower(
-    config: Path = typer.Argument(..., help="Configuration file (INI)."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="Configuration file (INI)."),
     insecure: bool = typer.Option(
-        False, "--insecure", help="Start without authentication (trusted networks only)."
+        False,
+        "--insecure",
+        help="Start without authentication, on 127.0.0.1 only (whatever flower_address says).",
+    ),
+    allow_task_api: bool = typer.Option(
+        False,
+        "--allow-task-api",
+        help="Keep Flower's API that sends, revokes and aborts tasks and controls workers "
+        "(off: those endpoints answer 404).",
     ),
     port: int = typer.Option(None, "--port", help="Port (default: [monitoring] flower_port)."),
 ) -> None:
-    """Monitor queued and running tasks in a browser; Prometheus metrics at /metrics."""
+    """Monitor queued and running tasks in a browser; Prometheus metrics at /metrics.
+
+    Example: ringflow flower my.ini
+    """
     cfg = load_config(config)
     with user_errors():
         url = shared_broker_url(cfg, "flower")
-        command = flower_command(cfg, url, insecure, port)
+        command = flower_command(cfg, url, insecure, port, allow_task_api)
     if insecure:
-        say("warning", "Flower runs WITHOUT authentication (--insecure)")
+        say("warning", "Flower runs WITHOUT authentication (--insecure), on 127.0.0.1 only")
+    if allow_task_api:
+        say("warning", "Flower's API can send and revoke tasks, and stop workers")
     say("flower", f"{command.url} (Ctrl-C to stop)")
     install_interrupt_handlers()
     process = subprocess.Popen(command.argv, env=command.env)

@@ -6,6 +6,10 @@ and its partials are kept for a later requeue.
 
 Output folders the planning created get ``[output] file_mode`` from the assembly that finds
 every scan writing into them finished (:func:`finish_folders`).
+
+The scan's payload lives in Redis, which anyone with the broker's password can rewrite: its
+output, partials and folders are checked against the worker's own roots
+(:mod:`tasks.confine`) before anything is read, written, removed or chmodded.
 """
 
 from __future__ import annotations
@@ -19,14 +23,22 @@ import warnings
 import h5py
 import numpy as np
 
-from . import registry
+from . import confine, registry
 from .app import app
 from .config import Config
-from .errors import RingflowError
+from .errors import OutsideJobError, RingflowError
 from .partials import PartialHeader, iter_rows, read_block, read_header
 from .payloads import ScanTask
 from .readers import batch_size, iter_batches, open_frames
-from .writers import Average, CorrectedFrames, OutputStorage, ScanResult, Stream, write_nexus
+from .writers import (
+    Average,
+    CorrectedFrames,
+    OutputStorage,
+    ScanResult,
+    Stream,
+    user_mode,
+    write_nexus,
+)
 
 log = logging.getLogger(__name__)
 AVERAGE_BYTES = 64 * 2**20  # partial rows held at once to average over frames
@@ -37,13 +49,22 @@ CORRECTED_BATCH_BYTES = 32 * 2**20  # raw frames read at once for save_corrected
 def assemble_scan(results: list[dict], payload: dict) -> dict:
     try:
         scan = ScanTask.from_dict(_dereference(payload))
+        roots = confine.worker_roots()
+        _check_paths(scan, roots)
     except RingflowError as exc:
         key = payload.get("ref", {}).get("scan_key")
+        if isinstance(exc, OutsideJobError):
+            log.error("refused: %s: %s", key, exc)
         return {"status": "failed", "scan": key, "error": type(exc).__name__, "message": str(exc)}
     start = time.monotonic()
     failed = [r for r in results if r.get("status") != "done"]
     if failed:
         return {"status": "incomplete", "scan": scan.scan_key, "failed": failed}
+    frames = written_earlier(scan)
+    if frames is not None:
+        log.info("%s: already written to %s by an earlier delivery", scan.scan_key, scan.output)
+        _finish_scan(payload, scan, scan.config_obj().output.file_mode, roots)
+        return {"status": "done", "scan": scan.scan_key, "output": scan.output, "frames": frames}
     try:
         config = scan.config_obj()
         result = build_result(scan, config)
@@ -60,7 +81,7 @@ def assemble_scan(results: list[dict], payload: dict) -> dict:
             "message": f"{scan.output}: {message}" if scan.output not in message else message,
         }
     _remove_partials(scan.partials)
-    _finish_scan(payload, scan, config.output.file_mode)
+    _finish_scan(payload, scan, config.output.file_mode, roots)
     log.info(
         "%s: %d frames written to %s (%s, %d threads) in %.1f s",
         scan.scan_key,
@@ -77,6 +98,37 @@ def assemble_scan(results: list[dict], payload: dict) -> dict:
         "frames": int(result.intensity.shape[0]),
         "seconds": round(time.monotonic() - start, 3),
     }
+
+
+def output_entry(scan: ScanTask) -> str:
+    """The NXentry of the scan in its output: its entry's name in the master file."""
+    return scan.entry or "entry_0000"
+
+
+def written_earlier(scan: ScanTask) -> int | None:
+    """Frames of the output an earlier delivery of this assembly wrote before it removed the
+    partials; None when there is no such output.
+
+    A worker killed between removing the partials and acknowledging the task gets it again
+    (acks_late): rebuilding would find no partial. The chord runs the assembly only once
+    every file's partial is in, so no partial left and an output of the scan's frame count
+    mean this assembly wrote it.
+    """
+    if not scan.partials or any(os.path.exists(p) for p in scan.partials):
+        return None
+    try:
+        with h5py.File(scan.output, "r") as h5:
+            frames = h5[f"{output_entry(scan)}/integrated/intensity"].shape[0]
+    except (OSError, KeyError):
+        return None
+    return frames if frames == scan.n_frames else None
+
+
+def _check_paths(scan: ScanTask, roots: confine.WriteRoots | None) -> None:
+    """The output and every partial inside the worker's roots, or OutsideJobError."""
+    confine.check_output(scan.output, roots)
+    for path in scan.partials:
+        confine.check_partial(path, roots)
 
 
 def _dereference(payload: dict) -> dict:
@@ -103,7 +155,7 @@ def build_result(scan: ScanTask, config: Config) -> ScanResult:
     monitor = config.integration.monitor_name
     provenance = first.provenance
     return ScanResult(
-        entry=scan.entry or "entry_0000",
+        entry=output_entry(scan),
         intensity=_rows(headers, "intensity", n_frames),
         sigma=_rows(headers, "sigma", n_frames) if first.has_sigma else None,
         radial=first.radial,
@@ -266,7 +318,7 @@ def _scalar(value):
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _finish_scan(payload: dict, scan: ScanTask, mode: int) -> None:
+def _finish_scan(payload: dict, scan: ScanTask, mode: int, roots=None) -> None:
     """Mark the scan finished in the job's registry, then give ``mode`` to the folders whose
     scans are all finished. Without a registry (a payload given whole) there is nothing to
     do. A failure here leaves folders writable, never fails the written scan."""
@@ -276,13 +328,16 @@ def _finish_scan(payload: dict, scan: ScanTask, mode: int) -> None:
     try:
         client = app.backend.client
         scans = registry.mark_scan_finished(client, ref["prefix"], ref["job_id"], scan.scan_key)
-        finish_folders(scans, scan.scan_key, mode)
+        finish_folders(scans, scan.scan_key, mode, roots)
     except Exception as exc:
         log.warning("%s: output folders keep their working mode: %s", scan.scan_key, exc)
 
 
-def finish_folders(scans: dict[str, dict], scan_key: str, mode: int) -> list[str]:
-    """chmod ``mode`` on the folders of ``scan_key`` that no unfinished scan writes into.
+def finish_folders(
+    scans: dict[str, dict], scan_key: str, mode: int, roots: confine.WriteRoots | None = None
+) -> list[str]:
+    """chmod ``mode`` (within the umask) on the folders of ``scan_key`` that no unfinished
+    scan writes into.
 
     ``scans`` is the job's registry (scan key -> entry). Each entry's "folders" are those
     the planning created for its output, deepest first (:func:`tasks.jobs.scan_folders`);
@@ -290,15 +345,20 @@ def finish_folders(scans: dict[str, dict], scan_key: str, mode: int) -> list[str
     "finished" once its output and text files are in and its partials removed, so nothing
     more of the job is written into a folder whose scans all are. A scan that failed never
     is, until a requeue completes it: its folders keep their working mode meanwhile. The
-    walk stops at the first folder still in use, whose parents then are too.
+    walk stops at the first folder still in use, whose parents then are too, or at the first
+    outside the worker's output roots (``roots``: a registry rewritten to name others).
     """
     done = []
     for folder in scans[scan_key].get("folders", []):
+        if not confine.inside_outputs(folder, roots):
+            if not confine.holds_outputs(folder, roots):  # the output root itself: no alarm
+                log.error("refused: %s: chmod of %s, outside the job's outputs", scan_key, folder)
+            break
         users = [entry for entry in scans.values() if folder in entry.get("folders", ())]
         if not all(entry.get("finished") for entry in users):
             break
         try:
-            os.chmod(folder, mode)
+            os.chmod(folder, user_mode(mode))
         except PermissionError:  # a parent closed by another scan finishing at the same time
             break
         done.append(folder)

@@ -15,6 +15,7 @@ are resolved against the configuration file's folder, ``~`` against the user's h
 from __future__ import annotations
 
 import configparser
+import glob
 import hashlib
 import json
 import math
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, urlencode
 
 from .errors import ConfigError
 
@@ -222,11 +223,19 @@ def _average_xy(value: str) -> str:
     return _choice("", "mean", "median", aliases=aliases)(value)
 
 
+def _subfolder(value: str) -> str:
+    """A folder below the output folder: relative, and never climbing out with '..'."""
+    text = value.strip()
+    if text.startswith("/") or ".." in text.split("/"):
+        raise ValueError("a relative folder below the output folder (no leading / and no ..)")
+    return text
+
+
 def _broker_url(value: str) -> str:
     text = value.strip()
     if text and not re.match(r"^(redis|rediss|redis\+socket)://", text):
         raise ValueError("expected redis://, rediss:// or redis+socket:// (empty: embedded Redis)")
-    return text
+    return url_password_in_query(text) if text else text
 
 
 def _sbatch_value(value: str) -> str:
@@ -493,12 +502,16 @@ class OutputConfig:
         "repack_output", _bool, "1: one self-contained file per scan (the only mode).", True
     )
     partial_files_subfolder: str = option(
-        "partial_files_subfolder", _text, "Subfolder of the output folder for partial files.", ""
+        "partial_files_subfolder",
+        _subfolder,
+        "Subfolder of the output folder for partial files.",
+        "",
     )
     file_mode: int = option(
         "file_mode",
         _octal,
-        "Permissions (octal, applied with chmod) of the output folders and files ringflow creates.",
+        "Permissions (octal, applied with chmod, less what the umask takes away) of the output "
+        "folders and files ringflow creates.",
         0o755,
         fmt=lambda mode: format(mode, "03o"),
     )
@@ -634,10 +647,60 @@ class QueueConfig:
         "ringflow: days a job's records (manifest, done, failed files) stay in Redis.",
         7,
     )
+    security_key: str = option(
+        "security_key",
+        _text,
+        "ringflow: PEM RSA private key (mode 0600) that signs task messages; with the two "
+        "keys below, workers refuse unsigned or wrongly signed messages. Empty: no signing.",
+        "",
+    )
+    security_certificate: str = option(
+        "security_certificate", _text, "ringflow: PEM certificate of security_key.", ""
+    )
+    security_cert_store: str = option(
+        "security_cert_store",
+        _text,
+        "ringflow: folder (or glob) of the PEM certificates whose signatures workers accept.",
+        "",
+    )
+
+    def __post_init__(self) -> None:
+        """Signing files checked once their paths are resolved (absolute): a missing or
+        unreadable file, or a key others can read, is an error at load, not in a worker."""
+        paths = (self.security_key, self.security_certificate, self.security_cert_store)
+        if not any(paths) or not all(os.path.isabs(p) for p in paths if p):
+            return
+        for key, path in zip(SECURITY_KEYS, paths, strict=True):
+            if not path:
+                reason = f"message signing needs all of {', '.join(SECURITY_KEYS)}"
+                raise ConfigError("queue", key, "", reason)
+        _check_readable("security_key", self.security_key)
+        if os.stat(self.security_key).st_mode & 0o077:
+            mode = oct(os.stat(self.security_key).st_mode & 0o777)
+            reason = f"the private key is readable by group or others ({mode}): chmod 600 it"
+            raise ConfigError("queue", "security_key", self.security_key, reason)
+        _check_readable("security_certificate", self.security_certificate)
+        store = self.security_cert_store
+        found = glob.glob(os.path.join(store, "*") if os.path.isdir(store) else store)
+        if not found:
+            raise ConfigError("queue", "security_cert_store", store, "no certificate there")
+        for path in found:
+            _check_readable("security_cert_store", path)
 
     @property
     def job_ttl_s(self) -> int:
         return self.job_ttl_days * 86400
+
+
+SECURITY_KEYS = ("security_key", "security_certificate", "security_cert_store")
+
+
+def _check_readable(key: str, path: str) -> None:
+    """``path`` is a file this process can read, or ConfigError naming ``[queue] key``."""
+    if not os.path.isfile(path):
+        raise ConfigError("queue", key, path, "no such file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError("queue", key, path, "not readable")
 
 
 @dataclass(frozen=True)
@@ -683,7 +746,7 @@ PATH_KEYS = {
     "azimuthal integration": ("poni_file", "mask_file", "flatfield_file", "dark_file"),
     "computations distribution": ("workspace_path",),
     "output": ("location",),
-    "queue": ("broker_password_file",),
+    "queue": ("broker_password_file", *SECURITY_KEYS),
     "monitoring": ("flower_password_file",),
 }
 
@@ -816,7 +879,8 @@ def _parse_one(section: str, key: str, text: str, parse, source: str):
     try:
         return parse(text)
     except ValueError as exc:
-        raise ConfigError(section, key, text, str(exc), source) from None
+        shown = redact_url(text) if "url" in key else text  # a URL's secret is never shown
+        raise ConfigError(section, key, shown, str(exc), source) from None
 
 
 # keys the integrator still reads from an older section: (old section, key) -> new section
@@ -968,9 +1032,46 @@ def _check_codecs(config: Config) -> None:
             raise ConfigError("output", key, value, str(exc), config.source) from None
 
 
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***, safe to print or store."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+_URL_IN_TEXT = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>[^\s'\"<>]*)")
+_SECRET_QUERY = re.compile(r"(?i)([?&;](?:password|passwd|pass|pwd|secret|token)=)[^&;#\s]*")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the secret of every URL in it replaced by ***, safe to print or store.
+
+    Whatever the form: ``user:password@``, ``:password@``, a bare ``secret@``, a password
+    that holds ``@``, ``/`` or encoded characters (everything up to the last ``@`` is the
+    user part), and ``?password=`` in the query.
+    """
+    one = text.strip()
+    whole = _URL_IN_TEXT.match(one)
+    if whole and whole.end() < len(one) and "://" not in one[whole.end() :]:
+        # one URL whose password holds a quote, a space or a bracket: all of it is the URL
+        return _redact_one(re.match(r"(?P<scheme>[^:]+://)(?P<rest>.*)", one, re.S))
+    return _URL_IN_TEXT.sub(_redact_one, text)
+
+
+def _redact_one(match: re.Match) -> str:
+    rest = match["rest"]
+    at = rest.rfind("@")
+    if at >= 0:
+        userinfo, rest = rest[:at], rest[at + 1 :]
+        user, colon, _ = userinfo.partition(":")
+        safe_user = colon and not re.search(r"[/?#%]", user)
+        rest = (f"{user}:***@" if safe_user else "***@") + rest
+    return match["scheme"] + _SECRET_QUERY.sub(r"\1***", rest)
+
+
+def url_password_in_query(url: str) -> str:
+    """``url`` with a ``?password=`` query value moved into its user part, where kombu,
+    Celery and redis-py all read it (kombu fails with a TypeError on the query form)."""
+    base, mark, query_text = url.partition("?")
+    query = parse_qsl(query_text, keep_blank_values=True)
+    secret = [v for k, v in query if k.lower() == "password"]
+    if not mark or not secret:
+        return url
+    rest = urlencode([(k, v) for k, v in query if k.lower() != "password"])
+    return with_password(base, secret[-1]) + (f"?{rest}" if rest else "")
 
 
 def with_password(url: str, password: str) -> str:

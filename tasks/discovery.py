@@ -3,7 +3,9 @@
 A scan's detector data is ``<entry>/measurement/<detector_name><suffix>``: a virtual dataset
 over Lima files, an external link to one, a group of such links, or plain data. A Lima file
 given directly is a scan of its own. Problems with one file or entry are collected so that
-the good scans of the same job still run.
+the good scans of the same job still run. A file ringflow wrote itself (an output or a partial,
+caught by a glob that also matches inputs) is never taken as input: it is left out with a
+warning.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 
 import h5py
@@ -22,6 +25,8 @@ from .errors import DiscoveryError, InputDataError
 
 LIMA_DATASET = "/entry_0000/measurement/data"
 _ENTRY = re.compile(r"^(\d+)\.(\d+)$")
+# what numba's kernel and pyFAI integrate: numpy kinds "i", "u" and these floats
+FRAME_FLOATS = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class Scan:
 class Discovery:
     scans: list[Scan] = field(default_factory=list)
     problems: list[DiscoveryError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # files left out, and why
 
 
 def discover(config: Config) -> Discovery:
@@ -76,6 +82,9 @@ def discover(config: Config) -> Discovery:
             scans = _scans_of_file(path, config)
         except DiscoveryError as exc:
             found.problems.append(exc)
+            continue
+        if scans is None:
+            found.warnings.append(f"{path}: a file ringflow wrote, not taken as input")
             continue
         for scan_or_problem in scans:
             if isinstance(scan_or_problem, DiscoveryError):
@@ -91,20 +100,20 @@ def expand_locations(patterns: tuple[str, ...]) -> tuple[list[str], list[Discove
     problems: list[DiscoveryError] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        matches = [m for m in matches if os.path.exists(m)]
+        matches = [m for m in matches if os.path.lexists(m)]
         if not matches:
             problems.append(DiscoveryError(pattern, "[dataset] location matches no file"))
         files += [os.path.abspath(m) for m in matches if os.path.abspath(m) not in files]
     return files, problems
 
 
-def _scans_of_file(path: str, config: Config) -> list[Scan | DiscoveryError]:
-    if not os.path.isfile(path):
-        raise DiscoveryError(path, "not a file")
-    if not h5py.is_hdf5(path):
-        raise InputDataError(path, "not an HDF5 file")
+def _scans_of_file(path: str, config: Config) -> list[Scan | DiscoveryError] | None:
+    """The file's scans (or a problem per scan); None for a file ringflow wrote."""
+    check_regular_file(path)
     try:
         with h5py.File(path, "r") as h5:
+            if written_by_ringflow(h5):
+                return None
             entries = _entries(h5, config.dataset.hdf5_entry)
             if not entries and LIMA_DATASET in h5:
                 return [_plain_lima_scan(h5, path, config)]
@@ -113,6 +122,49 @@ def _scans_of_file(path: str, config: Config) -> list[Scan | DiscoveryError]:
             return [_scan_or_problem(h5, path, entry, config) for entry in entries]
     except OSError as exc:
         raise InputDataError(path, f"cannot be read: {exc}") from None
+
+
+def check_regular_file(path: str) -> None:
+    """A readable regular HDF5 file, or a one-line error. Checked before anything opens it:
+    a FIFO would block the open forever, a directory or a dangling link has no content."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise DiscoveryError(
+                path, f"symbolic link to {os.readlink(path)}, which does not exist"
+            ) from None
+        raise DiscoveryError(path, "does not exist") from None
+    except OSError as exc:
+        raise InputDataError(path, f"cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise DiscoveryError(path, f"not a regular file (a {_file_kind(info.st_mode)})")
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as exc:  # h5py says why deep in its message: the errno is enough
+        raise InputDataError(path, f"cannot be read: {os.strerror(exc.errno or 5)}") from None
+    if not is_hdf5:
+        raise InputDataError(path, "not an HDF5 file")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def written_by_ringflow(h5: h5py.File) -> bool:
+    """A ringflow output (its root says ``creator = ringflow`` with a fingerprint) or a
+    partial (its root names the Lima file and dataset it integrated, with provenance)."""
+    attrs = h5.attrs
+    if attrs.get("creator") == "ringflow" and "ringflow_fingerprint" in attrs:
+        return True
+    return all(key in attrs for key in ("source_file", "source_dataset", "provenance"))
 
 
 def _entries(h5: h5py.File, wanted: str) -> list[str]:
@@ -139,6 +191,8 @@ def _scan_or_problem(h5: h5py.File, path: str, entry: str, config: Config):
         return _bliss_scan(h5, path, entry, config)
     except DiscoveryError as exc:
         return exc
+    except (KeyError, RuntimeError) as exc:  # h5py's words for an object it cannot open
+        return InputDataError(path, f"entry {entry}: {str(exc).splitlines()[0]}")
 
 
 def _bliss_scan(h5: h5py.File, path: str, entry: str, config: Config) -> Scan:
@@ -173,13 +227,25 @@ def _resolve(h5: h5py.File, path: str, data_path: str) -> tuple[list[LimaSlice],
     if isinstance(link, h5py.ExternalLink):
         target = _source_path(path, link.filename)
         return _slices_of_file(target, link.path, 0), _frame_shape_of(target, link.path)
-    obj = h5[data_path]
+    obj = _follow(h5, path, data_path, link)
     if isinstance(obj, h5py.Group):
         return _resolve_group(h5, path, data_path)
     dset = _frames_dataset(obj, path, data_path)
     if not dset.is_virtual:
         return [LimaSlice(path, data_path, 0, dset.shape[0], 0)], tuple(dset.shape[1:])
     return _virtual_slices(dset, path), tuple(dset.shape[1:])
+
+
+def _follow(h5: h5py.File, path: str, data_path: str, link):
+    """The object at ``data_path``; a soft link that loops (HDF5: "too many links") or
+    points nowhere is an input error naming the link and its target."""
+    try:
+        return h5[data_path]
+    except (KeyError, RuntimeError) as exc:  # h5py raises either, by version
+        target = f" -> {link.path}" if isinstance(link, h5py.SoftLink) else ""
+        why = "too many links" in str(exc)
+        reason = "a soft-link cycle (too many links)" if why else "a link to nothing"
+        raise InputDataError(path, f"{data_path}{target}: {reason}") from None
 
 
 def _resolve_group(h5: h5py.File, path: str, data_path: str):
@@ -236,8 +302,7 @@ def _frame_shape_of(target: str, dataset: str) -> tuple:
 def _open_source(target: str) -> h5py.File:
     if not os.path.exists(target):
         raise DiscoveryError(target, "linked Lima file does not exist")
-    if not h5py.is_hdf5(target):
-        raise InputDataError(target, "not an HDF5 file")
+    check_regular_file(target)
     return h5py.File(target, "r")
 
 
@@ -248,7 +313,21 @@ def _frames_dataset(obj, path: str, data_path: str) -> h5py.Dataset:
         raise InputDataError(
             path, f"{data_path} has shape {obj.shape}, expected frames x rows x cols"
         )
+    check_frame_dtype(obj.dtype, path, data_path)
     return obj
+
+
+def check_frame_dtype(dtype, path: str, data_path: str) -> None:
+    """Frames are integers or float32/float64: complex, bool, strings or compound values have
+    no meaning as counts (and numba's kernel would fail on them with its own words)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu" or dtype.name in FRAME_FLOATS:
+        return
+    raise InputDataError(
+        path,
+        f"{data_path.lstrip('/')}: frames of dtype {dtype} cannot be integrated "
+        "(expected integer or float)",
+    )
 
 
 def _monitor(h5: h5py.File, entry: str, name: str, scan: Scan) -> tuple[float, ...]:

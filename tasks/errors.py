@@ -8,6 +8,7 @@ RingflowError
  +- InputDataError     a file is unreadable or its content does not fit (shape, dtype)
  |   +- TransientInputError  ... for now: missing, locked by its writer, I/O error (retried)
  +- OutputError        an output location cannot be written, or an output exists already
+ +- OutsideJobError    a task names a path outside the folders of the job its worker runs
  +- BrokerError        the broker cannot be started or reached
  +- WorkerError        a worker process could not start or died
 """
@@ -53,6 +54,10 @@ class OutputError(RingflowError):
     def __init__(self, path: str, reason: str):
         self.path, self.reason = path, reason
         super().__init__(f"{path}: {reason}")
+
+
+class OutsideJobError(RingflowError):
+    """A task would write or delete outside its job's folders (see :mod:`tasks.confine`)."""
 
 
 class BrokerError(RingflowError):

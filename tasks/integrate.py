@@ -5,7 +5,9 @@ killed is redelivered and redone from the start; its partial is rewritten atomic
 redelivery gives the same partial. A transient error (file missing or locked by its writer,
 I/O error, broker dropped) is retried with exponential backoff and jitter, up to
 ``[queue] max_retries``; any other error is caught and returned as a status at once: a raising
-chord header would leave the scan's callback failed (Celery's ChordError) or hanging.
+chord header would leave the scan's callback failed (Celery's ChordError) or hanging. A
+partial outside the worker's job (:mod:`tasks.confine`; messages can be forged) fails at once,
+before any folder is made.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import registry
+from . import confine, registry
 from .app import app
-from .errors import InputDataError, RingflowError, TransientInputError
+from .errors import InputDataError, OutsideJobError, RingflowError, TransientInputError
 from .gpu import gpu_environment
 from .payloads import FileTask
 
@@ -81,6 +83,7 @@ def integrate_file(self, payload: dict) -> dict:
     attempt = self.request.retries + 1
     config = None
     try:
+        confine.check_partial(task.partial, confine.worker_roots())  # before any folder
         config = task.config_obj()
         frames = _integrate(task, config, client)
     except Exception as exc:
@@ -102,7 +105,13 @@ def integrate_file(self, payload: dict) -> dict:
                 "%s: attempt %d failed, retry in %.1f s", failure["message"], attempt, delay
             )
             raise self.retry(countdown=delay, max_retries=queue.max_retries) from None
-        registry.mark_failed(client, task.prefix, task.job_id, task.task_id, failure, ttl)
+        if isinstance(exc, OutsideJobError):  # a forged message, or workers of another job
+            log.error("refused: %s", failure["message"])
+        registry.durably(
+            lambda: registry.mark_failed(
+                client, task.prefix, task.job_id, task.task_id, failure, ttl
+            )
+        )
         return {"status": "failed", "task_id": task.task_id, **failure}
     info = {
         "file": task.path,
@@ -112,7 +121,11 @@ def integrate_file(self, payload: dict) -> dict:
         "time_s": round(time.time(), 3),
     }
     where = _where(self.request)
-    registry.mark_done(client, task.prefix, task.job_id, task.task_id, info | where, _ttl(config))
+    registry.durably(
+        lambda: registry.mark_done(
+            client, task.prefix, task.job_id, task.task_id, info | where, _ttl(config)
+        )
+    )
     return {"status": "done", "task_id": task.task_id, "file": task.path, "frames": frames}
 
 
@@ -145,8 +158,9 @@ def _where(request) -> dict:
 
 
 def _integrate(task: FileTask, config, client) -> int:
-    def count(frames: int) -> None:
-        registry.add_frames(client, task.prefix, task.job_id, frames)
+    def count(frames: int) -> None:  # a live counter: a broker restarting must not fail a file
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+            registry.add_frames(client, task.prefix, task.job_id, frames)
 
     return integrate_to_partial(task, config, count)
 
@@ -195,8 +209,8 @@ def integrate_to_partial(task: FileTask, config, on_frames=None) -> int:
 
 
 def _failure(task: FileTask, exc: Exception) -> dict:
-    if isinstance(exc, RingflowError):
-        message = str(exc)
+    if isinstance(exc, RingflowError):  # named after the file it failed, if it is not yet
+        message = str(exc) if task.path in str(exc) else f"{task.path}: {exc}"
     else:  # not a user mistake: keep the traceback for the registry and the worker log
         log.exception("unexpected error integrating %s", task.path)
         message = f"{task.path}: {type(exc).__name__}: {exc}"

@@ -27,6 +27,7 @@ import h5py
 import hdf5plugin  # noqa: F401  (bitshuffle/LZ4 and other HDF5 filters)
 import numpy as np
 
+from .discovery import check_frame_dtype
 from .errors import InputDataError, TransientInputError
 
 BATCH_BYTES = 256 * 2**20  # raw frame bytes held per batch: bounds an engine's memory
@@ -50,11 +51,15 @@ def open_frames(
     except OSError as exc:
         raise input_error(path, f"cannot open as HDF5: {_reason(exc)}", exc) from None
     with h5:
-        dset = h5.get(dataset)
+        try:
+            dset = h5.get(dataset)
+        except (KeyError, RuntimeError) as exc:  # e.g. a soft-link cycle: "too many links"
+            raise InputDataError(path, f"{dataset}: {_reason(exc)}") from None
         if not isinstance(dset, h5py.Dataset):
             raise InputDataError(path, f"dataset {dataset} not found")
         if dset.ndim != 3:
             raise InputDataError(path, f"{dataset} has shape {dset.shape}, expected 3D frames")
+        check_frame_dtype(dset.dtype, path, dataset)
         if frame_shape is not None and tuple(dset.shape[1:]) != tuple(frame_shape):
             raise InputDataError(
                 path, f"frames are {tuple(dset.shape[1:])}, the detector is {tuple(frame_shape)}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -23,16 +23,59 @@ from .config import Config
 from .errors import OutputError
 
 OWNER_RWX = 0o700
+PRIVATE_FILE = 0o600  # partial results: the workspace's files are its owner's only
+
+
+def make_private_folder(folder: str) -> None:
+    """``folder`` (and missing parents) 0700 whatever the umask: a workspace's folders are
+    their owner's only. An existing folder of another user is left as it is (its owner
+    chose its mode; ours could not be set anyway)."""
+    os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+    with suppress(FileExistsError):
+        os.mkdir(folder, OWNER_RWX)
+    with suppress(PermissionError):
+        os.chmod(folder, OWNER_RWX)  # the umask filtered the mkdir; an old one was 0755
+
+
+def private_file(path: str, append: bool = True) -> int:
+    """``path`` opened for writing (at its end, or emptied), mode 0600 before any byte is
+    written: a workspace file is its owner's only, an older one included."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, PRIVATE_FILE)
+    os.fchmod(fd, PRIVATE_FILE)
+    return fd
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets it to read it, a
+    race with any thread creating a file meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def user_mode(mode: int) -> int:
+    """``mode`` as the user's umask lets it be: ``[output] file_mode`` never gives more than
+    the user's umask allows (under umask 077 an output is its owner's only)."""
+    return mode & ~process_umask()
 
 
 @contextmanager
 def replacing(path: str, file_mode: int) -> Iterator[str]:
     """A temporary name beside ``path`` to write; renamed to ``path`` with mode ``file_mode``
-    if the block ends well, removed otherwise.
+    (less what the umask takes away, :func:`user_mode`) if the block ends well, removed
+    otherwise.
 
     The temporary is in the destination folder, so the rename is atomic; the mode is set by
-    chmod before the rename (the rename needs only the folder's permission), never through
-    the umask, so even 0o000 is exact.
+    chmod before the rename (the rename needs only the folder's permission), so even 0o000
+    is exact, and nobody else can read the file while it is written (mkstemp: 0600).
     """
     folder = os.path.dirname(path) or "."
     try:
@@ -42,7 +85,7 @@ def replacing(path: str, file_mode: int) -> Iterator[str]:
         raise OutputError(folder, f"cannot write here: {exc.strerror}") from None
     try:
         yield tmp
-        os.chmod(tmp, file_mode)
+        os.chmod(tmp, user_mode(file_mode))
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)
@@ -53,14 +96,14 @@ def replacing(path: str, file_mode: int) -> Iterator[str]:
 
 
 @contextmanager
-def atomic_h5(path: str, file_mode: int = 0o644) -> Iterator[h5py.File]:
+def atomic_h5(path: str, file_mode: int = PRIVATE_FILE) -> Iterator[h5py.File]:
     """An HDF5 file that appears at ``path`` only once fully written and closed.
 
-    A missing folder is created with the default permissions: output folders are created,
-    with ``[output] file_mode``, by the planning (:func:`tasks.jobs.plan_job`); folders
-    created here are the workspace's partial folders.
+    A missing folder is created 0700: output folders are created, with ``[output]
+    file_mode``, by the planning (:func:`tasks.jobs.plan_job`); folders created here are the
+    workspace's partial folders, their owner's only.
     """
-    make_dirs(os.path.dirname(path) or ".")
+    make_dirs(os.path.dirname(path) or ".", OWNER_RWX)
     with replacing(path, file_mode) as tmp, h5py.File(tmp, "w") as h5:
         yield h5
 
@@ -84,12 +127,9 @@ def make_dirs(folder: str, mode: int | None = None) -> list[str]:
     (:func:`tasks.assemble.finish_folders`). By chmod, not ``os.makedirs(mode=)``: that
     one is filtered by the umask. A folder that existed is never touched.
     """
-    path, missing = os.path.abspath(folder), []
-    while not os.path.lexists(path):
-        missing.append(path)
-        path = os.path.dirname(path)
+    missing, _ = missing_folders(folder)
     created = []
-    for path in reversed(missing):
+    for path in missing:
         try:
             os.mkdir(path)
         except FileExistsError:  # made meanwhile by someone else: not ours
@@ -98,12 +138,27 @@ def make_dirs(folder: str, mode: int | None = None) -> list[str]:
             raise OutputError(folder, f"cannot create folder: {exc.strerror}") from None
         created.append(path)
         if mode is not None:
-            os.chmod(path, mode | OWNER_RWX)
+            os.chmod(path, user_mode(mode) | OWNER_RWX)
+    check_usable_folder(folder)
+    return created
+
+
+def missing_folders(folder: str, planned: Collection[str] = ()) -> tuple[list[str], str]:
+    """``folder`` and its parents that neither exist nor are in ``planned``, outermost
+    first, and the nearest that does or is (what :func:`make_dirs` creates, and where)."""
+    path, missing = os.path.abspath(folder), []
+    while not (os.path.lexists(path) or path in planned):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing[::-1], path
+
+
+def check_usable_folder(folder: str) -> None:
+    """``folder`` is a folder this process can write in, or the OutputError saying why."""
     if not os.path.isdir(folder):
         raise OutputError(folder, "cannot create folder: not a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(folder, "folder is not writable")
-    return created
 
 
 def _remove(path: str) -> None:

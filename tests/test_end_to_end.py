@@ -20,6 +20,7 @@ from tasks.discovery import LIMA_DATASET
 from worker_launcher.redis_server import start_embedded_redis
 
 from .conftest import edit_config, last_json, run_cli
+from .services import redis_url, unique_prefix
 
 pytestmark = pytest.mark.service
 
@@ -304,22 +305,30 @@ def test_2d_caking_equals_integrate2d_ng(small_demo, tmp_path):
 
 
 def test_external_broker_by_url_with_password(small_demo, tmp_path):
-    server = start_embedded_redis(str(tmp_path / "redis"))  # a real server, used by URL
+    """A password-protected Redis on TCP, given by URL: used as it is, its password never
+    shown; the embedded server's own socket URL works the same way."""
+    url, prefix = redis_url(), unique_prefix("extbroker")
+    server = start_embedded_redis(str(tmp_path / "redis"))
     try:
-        config = edit_config(
-            small_demo.config,
-            {
-                "output": {"location": str(tmp_path / "out")},
-                "dataset": {"hdf5_entry": "1.1"},
-                "queue": {"queue_prefix": "extbroker"},
-            },
-            tmp_path / "c.ini",
-        )
-        result = run_cli("run", config, "--json", env={"RINGFLOW_BROKER_URL": server.url})
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert server.password not in result.stdout + result.stderr
-        job_id = last_json(result.stdout)["job_id"]
-        client = redis.Redis(port=server.port, password=server.password)
-        assert client.hget(f"extbroker:job:{job_id}:progress", "files_done") == b"2"
+        brokers = [
+            (url, redis.Redis.from_url(url), redis.connection.parse_url(url)["password"]),
+            (server.url, server.client(), server.password),
+        ]
+        for broker, client, secret in brokers:
+            config = edit_config(
+                small_demo.config,
+                {
+                    "output": {"location": str(tmp_path / "out" / prefix)},
+                    "dataset": {"hdf5_entry": "1.1"},
+                    "queue": {"queue_prefix": prefix},
+                },
+                tmp_path / "c.ini",
+            )
+            result = run_cli("run", config, "--json", env={"RINGFLOW_BROKER_URL": broker})
+            assert result.returncode == 0, result.stderr[-2000:]
+            assert secret not in result.stdout + result.stderr
+            job_id = last_json(result.stdout)["job_id"]
+            assert client.hget(f"{prefix}:job:{job_id}:progress", "files_done") == b"2"
+            prefix = unique_prefix("extsock")
     finally:
         server.stop()

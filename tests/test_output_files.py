@@ -32,6 +32,7 @@ from tasks.writers import (
     ScanResult,
     average_text_paths,
     make_dirs,
+    process_umask,
     write_average_text,
 )
 
@@ -208,13 +209,21 @@ def test_cake_slices_are_numbered_in_the_file_name_only(tmp_path):
 # --- file_mode --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", [0o750, 0o555, 0o077, 0o000], ids=lambda m: f"{m:03o}")
-def test_output_and_text_files_get_file_mode(tmp_path, mode):
+@pytest.mark.parametrize(
+    ("mode", "umask"),
+    [(0o750, 0o022), (0o555, 0o022), (0o077, 0o022), (0o000, 0o022), (0o755, 0o077)],
+    ids=lambda m: f"{m:03o}",
+)
+def test_output_and_text_files_get_file_mode_within_the_umask(tmp_path, mode, umask):
     config = {"file_mode": format(mode, "03o")}
     parts = make_partials(tmp_path, [2, 2], cake=True)
-    out = run_assembly(tmp_path, parts, config, {"average_xy": "mean"})
+    previous = os.umask(umask)
+    try:
+        out = run_assembly(tmp_path, parts, config, {"average_xy": "mean"})
+    finally:
+        os.umask(previous)
     files = [out, *average_text_paths(out, 36)]
-    assert [mode_of(path) for path in files] == [mode] * len(files)
+    assert [mode_of(path) for path in files] == [mode & ~umask] * len(files)
     assert sorted(os.listdir(tmp_path / "out")) == sorted(map(os.path.basename, files))
 
 
@@ -228,9 +237,9 @@ def test_make_dirs_keeps_the_owner_writing_and_never_touches_existing_folders(tm
     assert [mode_of(p) for p in created] == [0o755, 0o755]  # 0o055 | owner rwx while in use
     assert mode_of(existing) == 0o751
     assert make_dirs(str(leaf), 0o055) == []  # already there: not ours this time
-    previous = os.umask(0o077)  # the umask plays no part
+    previous = os.umask(0o077)  # file_mode never gives more than the umask allows
     try:
-        assert mode_of(make_dirs(str(tmp_path / "other"), 0o750)[0]) == 0o750
+        assert mode_of(make_dirs(str(tmp_path / "other"), 0o750)[0]) == 0o700
     finally:
         os.umask(previous)
 
@@ -359,7 +368,8 @@ def test_two_scans_into_one_new_folder_with_a_mode_that_forbids_writing(mode):
     names = ["PROCESSED_DATA", "PROCESSED_DATA/sample"]
     for key in ("1.1", "2.1"):
         names += [f"PROCESSED_DATA/sample/azint_sample_{key}.{ext}" for ext in ("h5", "xye")]
-    assert {name: modes.get(name) for name in names} == dict.fromkeys(names, mode)
+    expected = mode & ~process_umask()  # file_mode within the umask
+    assert {name: modes.get(name) for name in names} == dict.fromkeys(names, expected)
     assert len([n for n in modes if n.startswith("PROCESSED_DATA")]) == 6  # no temporaries
 
 
@@ -408,3 +418,13 @@ def test_run_with_file_mode_and_average_xy(small_demo, tmp_path):
         for path in (location / "sample", location / "sample" / "sample_0001"):
             if path.exists():
                 path.chmod(0o755)
+
+
+def test_partials_are_their_owners_only_whatever_the_umask(tmp_path):
+    (part,) = make_partials(tmp_path, [3])
+    previous = os.umask(0o000)
+    try:
+        write_partial(str(tmp_path / "partials" / "p.h5"), part)
+    finally:
+        os.umask(previous)
+    assert mode_of(tmp_path / "partials" / "p.h5") == 0o600

