@@ -39,11 +39,16 @@ def broker_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextmanager
-def user_errors(code: int = EXIT_FAILED) -> Iterator[None]:
-    """Turn ringflow errors and a lost broker into one line and an exit code; no traceback."""
+def user_errors(
+    code: int = EXIT_FAILED, usage: tuple[type[RingflowError], ...] = (ConfigError,)
+) -> Iterator[None]:
+    """Turn ringflow errors and a lost broker into one line and an exit code; no traceback.
+
+    ``usage``: the errors that are the user's mistake (exit 2); any other ringflow error
+    exits with ``code``."""
     try:
         yield
-    except ConfigError as exc:
+    except usage as exc:
         fail(exc, EXIT_USAGE)
     except RingflowError as exc:
         fail(exc, code)
@@ -57,7 +62,24 @@ def fail(exc: RingflowError, code: int = EXIT_USAGE) -> None:
     raise typer.Exit(code)
 
 
-_STYLES = {"error": "red", "failed": "red", "interrupted": "red", "warning": "yellow"}
+def usage(text: str) -> None:
+    """A mistake on the command line: one line, exit 2."""
+    say("error", text)
+    raise typer.Exit(EXIT_USAGE)
+
+
+_STYLES = {
+    "error": "red",
+    "failed": "red",
+    "interrupted": "red",
+    "warning": "yellow",
+    "recovery": "yellow",
+}
+
+
+def say_recovery(text: str) -> None:
+    """A worker or broker that died and what was done about it (the supervisor's lines)."""
+    say("recovery", text)
 
 
 def say(kind: str, text: str) -> None:

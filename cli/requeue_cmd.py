@@ -6,21 +6,31 @@ from pathlib import Path
 
 import typer
 
-from tasks.app import configure
+from tasks.app import configure_for
 from tasks.config import Config
+from tasks.outputs import workspace
+from tasks.states import JobState
 from worker_launcher.broker import shared_broker_url
 from worker_launcher.requeue import RequeueResult, Selection, requeue
 from worker_launcher.run import requeue_here
 
-from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, load_config, say, user_errors
+from .common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    load_config,
+    say,
+    say_recovery,
+    user_errors,
+)
 from .progress import frames_progress
 from .run_cmd import ignore_further_interrupts, install_interrupt_handlers, say_local_notes
-from .status_cmd import show
+from .status_cmd import show, workspace_errors
 
 
 def requeue_cmd(
-    config: Path = typer.Argument(..., help="Configuration file (INI)."),
-    job: str = typer.Argument(..., help="Job id (see ringflow status)."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="Configuration file (INI)."),
+    job: str = typer.Argument(..., metavar="JOB", help="Job id (see ringflow status)."),
     failed: bool = typer.Option(False, "--failed", help="Every failed file of the job."),
     files: list[str] = typer.Option(None, "--file", help="A failed file's path (repeatable)."),
     scan: list[str] = typer.Option(None, "--scan", help="A scan's failed files, e.g. 2.1."),
@@ -36,6 +46,8 @@ def requeue_cmd(
     Each scan they complete is assembled again. Requeueing twice sends nothing the second time.
     With the embedded broker (no broker_url), the job's broker and local workers are started
     in its workspace and the command follows the job until every scan has an outcome.
+
+    Example: ringflow requeue my.ini 3f2a9c1d7e40 --failed
     """
     cfg = load_config(config)
     selection = Selection(failed, tuple(files or ()), tuple(scan or ()), stranded)
@@ -43,7 +55,7 @@ def requeue_cmd(
         selection.check()
     if cfg.broker_url():
         with user_errors():
-            app = configure(shared_broker_url(cfg, "requeue"))
+            app = configure_for(shared_broker_url(cfg, "requeue"), cfg.queue)
             result = requeue(app, cfg, job, selection)
         tell(result)
         say("requeue", f"follow with: ringflow status {config} {job} --watch")
@@ -55,15 +67,19 @@ def requeue_locally(cfg: Config, job: str, selection: Selection) -> int:
     install_interrupt_handlers()
     say_local_notes(cfg, [])
     try:
-        with user_errors(), frames_progress(f"job {job}") as update:
-            result, final = requeue_here(cfg, job, selection, update)
+        with (
+            user_errors(),
+            workspace_errors(workspace(cfg)),
+            frames_progress(f"job {job}") as update,
+        ):
+            result, final = requeue_here(cfg, job, selection, update, say_recovery)
     except KeyboardInterrupt:
         ignore_further_interrupts()
         say("interrupted", "workers and broker stopped")
         return EXIT_INTERRUPTED
     tell(result)
     show(final, as_json=False)
-    return 0 if final.state == "done" else EXIT_FAILED
+    return 0 if final.state == JobState.DONE else EXIT_FAILED
 
 
 def tell(result: RequeueResult) -> None:
@@ -73,6 +89,8 @@ def tell(result: RequeueResult) -> None:
         say("handed back", f"{len(result.restored)} file(s) taken by workers that died")
     if result.moved:
         say("moved", f"{result.moved} stranded file(s) to live GPU queues")
+    for path in result.removed:
+        say("warning", f"{path}: removed, a temporary file left by a killed run")
     for path in result.files:
         say("requeued", path)
     for reason in result.skipped:

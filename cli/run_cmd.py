@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from pathlib import Path
 
 import typer
@@ -13,15 +15,27 @@ from tasks.jobs import JobPlan, check_plan, plan_job
 from worker_launcher.run import run_plan, services_ahead
 from worker_launcher.watch import STOP
 
-from .common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, fail, load_config, say, user_errors
+from .common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    fail,
+    load_config,
+    say,
+    say_recovery,
+    user_errors,
+)
 from .progress import job_progress, report
 
 
 def run(
-    config: Path = typer.Argument(..., help="Configuration file (INI)."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="Configuration file (INI)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
 ) -> None:
-    """Integrate every scan of the configuration with local workers (embedded Redis default)."""
+    """Integrate every scan of the configuration with local workers (embedded Redis default).
+
+    Example: ringflow run my.ini
+    """
     code = execute(load_config(config), as_json)
     raise typer.Exit(code)
 
@@ -33,12 +47,16 @@ def execute(config: Config, as_json: bool = False) -> int:
         with user_errors(), services_ahead(config) as services:
             plan = plan_or_fail(config, check_device=True)
             with job_progress(plan, quiet=as_json) as update:
-                summary = run_plan(config, plan, update, services)
+                summary = run_plan(config, plan, update, services, say_recovery)
     except KeyboardInterrupt:
         ignore_further_interrupts()
         say("interrupted", "workers and broker stopped")
         return EXIT_INTERRUPTED
     report(summary, as_json)
+    if plan.scans:
+        say(
+            "workspace", f"{plan.workspace} (worker logs in {os.path.join(plan.workspace, 'logs')})"
+        )
     if not summary.ok and plan.scans:
         say(
             "hint",
@@ -62,6 +80,8 @@ def plan_or_fail(config: Config, check_device: bool) -> JobPlan:
         if check_device:
             say_local_notes(config, [])
         plan = plan_job(config, detector_shape=tuple(ai.detector.shape))
+        for warning in plan.warnings:  # inputs left out, leftovers removed
+            say("warning", warning)
         check_plan(plan)
     except RingflowError as exc:
         fail(exc, EXIT_USAGE)
@@ -69,19 +89,12 @@ def plan_or_fail(config: Config, check_device: bool) -> JobPlan:
 
 
 def say_local_notes(config: Config, gpus: list[str]) -> None:
-    """One line each for what local workers on ``gpus`` (none: one CPU worker) do other than
-    configured: opencl on the CPU (no GPU here), fewer engines or threads (fewer CPUs here).
-    For every command that starts local workers: ``run``, ``workers local``, ``requeue``."""
-    from tasks.gpu import local_fallback_note
-    from worker_launcher.local import sizing_note
+    """:func:`worker_launcher.local.local_notes`, each a ``note:`` line; for ``run``,
+    ``workers local`` and ``requeue``."""
+    from worker_launcher.local import local_notes
 
-    comp = config.computations
-    for note in (
-        local_fallback_note(config.integration.ai_method, comp.cpu_fallback),
-        sizing_note(config, gpus),
-    ):
-        if note:
-            say("note", note)
+    for note in local_notes(config, gpus):
+        say("note", note)
 
 
 def interrupt(signum, frame):
@@ -93,6 +106,16 @@ def install_interrupt_handlers() -> None:
     """Ctrl-C and SIGTERM both stop the command cleanly, even if the first raise is lost."""
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
+    sys.unraisablehook = _quiet_lost_interrupt
+
+
+def _quiet_lost_interrupt(unraisable) -> None:
+    """An interrupt raised inside a finalizer or weakref callback is dropped by Python, which
+    prints it with a traceback; STOP remembers it and the command stops at its next check,
+    so it is not shown. Anything else is reported as Python would."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and STOP.is_set():
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def ignore_further_interrupts() -> None:

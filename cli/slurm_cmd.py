@@ -15,13 +15,16 @@ from .run_cmd import ignore_further_interrupts, install_interrupt_handlers, plan
 
 
 def integrate_slurm(
-    config: Path = typer.Argument(..., help="Configuration file (INI)."),
+    config: Path = typer.Argument(..., metavar="CONFIG", help="Configuration file (INI)."),
     keep_workers: bool = typer.Option(
         False, "--keep-workers", help="Leave the worker jobs running for the next dataset."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
 ) -> None:
-    """Submit (or reuse) SLURM workers, enqueue every file, follow the job, report outputs."""
+    """Submit (or reuse) SLURM workers, enqueue every file, follow the job, report outputs.
+
+    Example: ringflow integrate-slurm my.ini
+    """
     cfg = load_config(config)
     install_interrupt_handlers()
     try:

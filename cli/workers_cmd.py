@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -9,20 +10,29 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from tasks.app import configure
+from tasks.app import configure_for
 from tasks.config import redact_url
 from tasks.errors import RingflowError
 from worker_launcher.broker import shared_broker_url, write_url_file
 from worker_launcher.local import start_local_workers, visible_gpus
 from worker_launcher.nodes import forget_dead, live_nodes
 from worker_launcher.slurm import SlurmLauncher
-from worker_launcher.watch import interrupts_deferred, raise_if_stopped, uninterruptible
+from worker_launcher.supervise import LocalSupervisor
+from worker_launcher.watch import (
+    broker_down,
+    interrupts_deferred,
+    raise_if_stopped,
+    uninterruptible,
+)
 
-from .common import EXIT_INTERRUPTED, err, load_config, say, user_errors
+from .common import EXIT_INTERRUPTED, err, load_config, say, say_recovery, user_errors
 from .run_cmd import ignore_further_interrupts, install_interrupt_handlers, say_local_notes
 
-app = typer.Typer(help="Start, list and stop the deployment's workers.", no_args_is_help=True)
-CONFIG = typer.Argument(..., help="Configuration file (INI).")
+app = typer.Typer(
+    help="Start, list and stop the deployment's workers.\n\nExample: ringflow workers list my.ini",
+    no_args_is_help=True,
+)
+CONFIG = typer.Argument(..., metavar="CONFIG", help="Configuration file (INI).")
 
 
 @app.command()
@@ -30,7 +40,10 @@ def submit(
     config: Path = CONFIG,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the job scripts, submit none."),
 ) -> None:
-    """Submit n_workers SLURM jobs (one GPU each) and the assembly job; running ones are kept."""
+    """Submit n_workers SLURM jobs (one GPU each) and the assembly job; running ones are kept.
+
+    Example: ringflow workers submit my.ini
+    """
     cfg = load_config(config)
     launcher = SlurmLauncher(cfg)
     with user_errors():
@@ -49,12 +62,15 @@ def list_(
     config: Path = CONFIG,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """The deployment's SLURM jobs and the Celery workers that answer now."""
+    """The deployment's SLURM jobs and the Celery workers that answer now.
+
+    Example: ringflow workers list my.ini
+    """
     cfg = load_config(config)
     prefix = cfg.queue.queue_prefix
     with user_errors():
         url = shared_broker_url(cfg, "workers list")
-        nodes = live_nodes(configure(url), prefix)
+        nodes = live_nodes(configure_for(url, cfg.queue), prefix)
         jobs = _slurm_jobs_or_none(cfg)
     if as_json:
         typer.echo(
@@ -98,13 +114,16 @@ def _node_cells(node) -> tuple[str, str, str]:
 
 @app.command()
 def stop(config: Path = CONFIG) -> None:
-    """Cancel the deployment's SLURM jobs and wait until squeue no longer lists them."""
+    """Cancel the deployment's SLURM jobs and wait until squeue no longer lists them.
+
+    Example: ringflow workers stop my.ini
+    """
     cfg = load_config(config)
     with user_errors():
         cancelled = SlurmLauncher(cfg).cancel()
         url = cfg.broker_url()
         if url:
-            app_ = configure(url)
+            app_ = configure_for(url, cfg.queue)
             forget_dead(app_, cfg.queue.queue_prefix, live_nodes(app_, cfg.queue.queue_prefix))
     typer.echo(f"cancelled: {' '.join(cancelled) or 'none'}")
 
@@ -123,7 +142,10 @@ def local(
         "serve one deployment (each its own range of gpu<k> queues).",
     ),
 ) -> None:
-    """Run the deployment's workers on this machine until Ctrl-C: one per GPU, or one CPU one."""
+    """Run the deployment's workers on this machine until Ctrl-C: one per GPU, or one CPU one.
+
+    Example: ringflow workers local my.ini --gpus 0,1
+    """
     cfg = load_config(config)
     install_interrupt_handlers()
     ids = [g for g in (gpus.split(",") if gpus is not None else visible_gpus()) if g.strip()]
@@ -139,8 +161,11 @@ def local(
                 workers = start_local_workers(cfg, url_file, logs, ids, first_slot=first_slot)
             for worker in workers.workers:
                 say("started", f"{worker.name} (log {worker.log})")
+            app_ = configure_for(url, cfg.queue)
+            supervisor = LocalSupervisor(app_, cfg.queue.queue_prefix, workers, None, say_recovery)
             while True:
-                workers.check()
+                with contextlib.suppress(*broker_down()):  # the workers reconnect themselves
+                    supervisor.check()
                 raise_if_stopped()
                 time.sleep(1.0)
     except KeyboardInterrupt:

@@ -12,17 +12,28 @@ registry entry names those that hold its output, for the assembly to give them t
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from celery import chord
 
-from . import keys, registry
+from . import confine, keys, registry
 from .config import Config
+from .confine import WriteRoots, partials_subfolder, write_roots
 from .discovery import Scan, discover
 from .errors import DiscoveryError, InputDataError, RingflowError
-from .outputs import must_process, output_path, workspace
+from .outputs import (
+    check_path_lengths,
+    leftover_cutoff,
+    must_process,
+    output_path,
+    remove_leftovers,
+    workspace,
+)
 from .payloads import FileTask, ScanTask, scan_ref
 from .writers import make_dirs
 
@@ -38,6 +49,9 @@ class JobPlan:
     skipped: list[str] = field(default_factory=list)  # outputs kept by existing_output
     problems: list[RingflowError] = field(default_factory=list)
     created: list[str] = field(default_factory=list)  # folders the planning created
+    warnings: list[str] = field(default_factory=list)  # inputs left out, leftovers removed
+    frame_shape: tuple[int, ...] = ()  # of the first scan: sizes the engine
+    discovered: list[Scan] = field(default_factory=list)  # every scan found, planned or not
 
     @property
     def file_tasks(self) -> list[FileTask]:
@@ -48,17 +62,31 @@ class JobPlan:
         return sum(scan.n_frames for scan, _ in self.scans)
 
 
+@dataclass(frozen=True)
+class PlanWrites:
+    """What planning writes: the output folders it creates (``make_dirs(folder, mode)``) and
+    the temporaries of killed runs it removes (``remove_leftovers(outputs, folders,
+    since)``). ``ringflow check`` plans with stand-ins that only record them."""
+
+    make_dirs: Callable[..., list[str]] = make_dirs
+    remove_leftovers: Callable[..., list[str]] = remove_leftovers
+
+
 def plan_job(
-    config: Config, detector_shape: tuple[int, int] | None = None, job_id: str | None = None
+    config: Config,
+    detector_shape: tuple[int, int] | None = None,
+    job_id: str | None = None,
+    writes: PlanWrites = PlanWrites(),
 ) -> JobPlan:
     """Discover the scans and build every payload; problems are collected, not raised."""
     job_id = job_id or uuid.uuid4().hex[:12]
+    started = time.time()
     found = discover(config)
     fingerprint = config.output_fingerprint()
     todo, skipped, problems, created = [], [], list(found.problems), []
     for scan in found.scans:
         try:
-            output = _output_if_needed(config, scan, detector_shape, fingerprint, created)
+            output = _output_if_needed(config, scan, detector_shape, fingerprint, created, writes)
         except RingflowError as exc:
             problems.append(exc)
             continue
@@ -68,13 +96,75 @@ def plan_job(
             skipped.append(output_path(config, scan))
     space = workspace(config) if found.scans else ""
     plan = JobPlan(job_id, config, space, skipped=skipped, problems=problems, created=created)
+    plan.discovered = list(found.scans)
+    plan.warnings = list(found.warnings)
+    plan.frame_shape = tuple(found.scans[0].frame_shape) if found.scans else ()
+    roots = write_roots(config) if todo else None
     for scan, output in todo:
-        plan.scans.append(_scan_payloads(plan, scan, output, fingerprint))
+        payloads = _scan_payloads(plan, scan, output, fingerprint)
+        try:
+            check_path_lengths(_written_paths(plan, payloads), scan.master)
+            check_within_roots(payloads, roots)
+        except RingflowError as exc:
+            problems.append(exc)
+            continue
+        plan.scans.append(payloads)
+    since = leftover_cutoff(config, started)
+    removed = writes.remove_leftovers(*_leftover_places(plan), since=since)
+    plan.warnings += [f"{path}: removed, a temporary file left by a killed run" for path in removed]
     return plan
 
 
+def check_within_roots(payloads: tuple[ScanTask, list[FileTask]], roots: WriteRoots) -> None:
+    """The workers will refuse a path outside their roots (:mod:`tasks.confine`): say so
+    while planning (a symbolic link in the output tree to another disk, for one), not after
+    every file of the scan is integrated."""
+    scan, files = payloads
+    confine.check_output(scan.output, roots)
+    for task in files:
+        confine.check_partial(task.partial, roots)
+
+
+def _written_paths(plan: JobPlan, payloads) -> list[str]:
+    """What a scan's tasks write, each under a temporary name too: output, text files, partials."""
+    from .writers import average_text_paths
+
+    scan, files = payloads
+    paths = [scan.output]
+    if plan.config.integration.average_xy:
+        paths += average_text_paths(scan.output, plan.config.integration.n_slices)
+    return paths + [f.partial for f in files]
+
+
+def remove_run_leftovers(plan: JobPlan) -> list[str]:
+    """Once every scan of ``plan`` has its outcome: the temporaries its killed workers left
+    (a process killed mid-write, restarted by the supervisor) and the partial folders of this
+    job they kept from being removed; returns the files removed. Only files open in no
+    process of this machine go (:func:`tasks.outputs.leftover_temporaries`)."""
+    outputs, folders = _leftover_places(plan)
+    removed = remove_leftovers(outputs, folders, since=time.time())
+    mine = {os.path.dirname(f.partial) for _, files in plan.scans for f in files}
+    for folder in sorted(mine & set(folders)):
+        with contextlib.suppress(OSError):  # not empty: a failed scan's partials, kept
+            os.rmdir(folder)
+    return removed
+
+
+def _leftover_places(plan: JobPlan) -> tuple[list[str], list[str]]:
+    """The plan's outputs, and the partial folders of their scans in any earlier job."""
+    outputs = [scan.output for scan, _ in plan.scans]
+    folders = []
+    for _, files in plan.scans:
+        if not files:
+            continue
+        stem_dir = os.path.dirname(files[0].partial)  # <base>/<job id>/<output stem>
+        base, stem = os.path.dirname(os.path.dirname(stem_dir)), os.path.basename(stem_dir)
+        folders += glob.glob(os.path.join(glob.escape(base), "*", glob.escape(stem)))
+    return outputs, sorted(set(folders))
+
+
 def _output_if_needed(
-    config: Config, scan: Scan, shape, fingerprint: str, created: list[str]
+    config: Config, scan: Scan, shape, fingerprint: str, created: list[str], writes: PlanWrites
 ) -> str | None:
     """The output path if the scan must be processed, None if existing_output keeps it;
     the folders created for it are added to ``created``."""
@@ -87,7 +177,7 @@ def _output_if_needed(
     output = output_path(config, scan)
     if not must_process(config, output, fingerprint):
         return None
-    created += make_dirs(os.path.dirname(output), config.output.file_mode)
+    created += writes.make_dirs(os.path.dirname(output), config.output.file_mode)
     return output
 
 
@@ -158,7 +248,7 @@ def _scan_payloads(plan: JobPlan, scan: Scan, output: str, fingerprint: str):
 
 
 def _partial_dir(plan: JobPlan, scan: Scan, output: str) -> str:
-    sub = plan.config.output.partial_files_subfolder
+    sub = partials_subfolder(plan.config.output.partial_files_subfolder)
     base = (
         os.path.join(os.path.dirname(output), sub)
         if sub
@@ -242,10 +332,28 @@ def send_chords(app, prefix: str, job_id: str, scans: list[tuple[str, list[dict]
                 )
                 for payload in payloads
             ]
-            body = assemble_scan.s(scan_ref(prefix, job_id, scan_key)).set(
-                queue=keys.assemble_queue(prefix), task_id=callback, argsrepr=repr(scan_key)
-            )
+            body = _assembly(assemble_scan, prefix, job_id, scan_key, callback)
             chord(header, body).apply_async()
+
+
+def send_assembly(app, prefix: str, job_id: str, scan_key: str, results: list, callback: str):
+    """Send a scan's chord callback by itself, with the file results it would have been given.
+
+    For a chord whose count Celery lost: a worker killed between storing a file's result and
+    counting it in the chord leaves the callback never sent (see
+    :class:`worker_launcher.recovery.LostCallbacks`).
+    """
+    app.loader.import_default_modules()
+    body = _assembly(app.tasks["ringflow.assemble_scan"], prefix, job_id, scan_key, callback)
+    with _no_result_subscriptions(app):
+        body.apply_async((results,))  # prepended to the scan's reference, as a chord does
+
+
+def _assembly(assemble_scan, prefix: str, job_id: str, scan_key: str, callback: str):
+    """The assembly task of one scan, as a chord body: its results come first."""
+    return assemble_scan.s(scan_ref(prefix, job_id, scan_key)).set(
+        queue=keys.assemble_queue(prefix), task_id=callback, argsrepr=repr(scan_key)
+    )
 
 
 @contextlib.contextmanager
@@ -281,10 +389,16 @@ def _no_result_subscriptions(app):
 
 
 def check_plan(plan: JobPlan) -> None:
-    """Raise the first problem when nothing at all can be processed."""
+    """Raise the first problem when nothing at all can be processed, or when an engine for
+    this configuration cannot fit in this machine's memory (estimated; see
+    :func:`tasks.engine.engine_memory_estimate`)."""
     if not plan.scans and not plan.skipped:
         raise (
             plan.problems[0]
             if plan.problems
             else DiscoveryError(", ".join(plan.config.dataset.location), "no scan found")
         )
+    if plan.scans and plan.frame_shape:
+        from .engine import check_engine_fits
+
+        check_engine_fits(plan.config, plan.frame_shape)

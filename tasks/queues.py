@@ -72,6 +72,15 @@ def waiting_messages(client, prefix: str) -> int:
     return sum(pending_files(client, prefix).values()) + assembly
 
 
+def waiting_task_ids(client, queue: str) -> set[str]:
+    """Task ids of the messages waiting in ``queue`` (every priority level)."""
+    found = set()
+    for name in priority_lists(queue):
+        for raw in client.lrange(name, 0, -1):
+            found.add(json.loads(raw).get("headers", {}).get("id", ""))
+    return found
+
+
 def move_pending(client, prefix: str, source: str, targets: list[str]) -> int:
     """Move every waiting message of ``source`` to ``targets`` in turn; returns how many.
 

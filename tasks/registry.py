@@ -8,11 +8,35 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import redis
 
 from . import keys
 
 JOB_TTL = 7 * 24 * 3600
+BROKER_WAIT_S = 40.0  # as long as publishing waits for a restarting broker (tasks.app)
+
+
+def durably(write: Callable[[], None], wait_s: float = BROKER_WAIT_S) -> None:
+    """Run ``write`` (a registry update), again while the broker restarts, up to ``wait_s``.
+
+    A file task's record is its end: failing it for a broker back a second later would fail
+    the file's chord, and the scan, for nothing. A write repeated after a reply lost may count
+    a file twice in the live counters; the records themselves (hashes by task id) do not.
+    """
+    deadline = time.monotonic() + wait_s
+    delay = 0.2
+    while True:
+        try:
+            write()
+            return
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
 
 @dataclass
@@ -142,6 +166,15 @@ def _record(
 
 def _read_json_hash(client, name: str) -> dict[str, dict]:
     return {text(k): json.loads(v) for k, v in client.hgetall(name).items()}
+
+
+def finished_task_ids(client, prefix: str, job_id: str) -> set[str]:
+    """Task ids of the job's files recorded done or failed (their last attempt is over)."""
+    pipe = client.pipeline()
+    pipe.hkeys(keys.job_done(prefix, job_id))
+    pipe.hkeys(keys.job_failed(prefix, job_id))
+    done, failed = pipe.execute()
+    return {text(t) for t in (*done, *failed)}
 
 
 def read_progress(client, prefix: str, job_id: str) -> Progress:

@@ -16,6 +16,21 @@ from tasks.demo import DemoSpec, write_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "cli.main"]
+MEASURED: list[str] = []  # figures the tests measured, shown in pytest's final summary
+
+
+@pytest.fixture
+def measured():
+    """Record a figure a test measured (a recovery time, trials passed): pytest prints it in
+    its final summary, so CI's log shows it without ``-s``."""
+    return MEASURED.append
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if MEASURED:
+        terminalreporter.section("measured by the tests")
+        for text in MEASURED:
+            terminalreporter.write_line(text)
 
 
 def cli_env(extra: dict | None = None) -> dict:

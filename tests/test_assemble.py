@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tracemalloc
 import warnings
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -70,6 +71,20 @@ def assemble_partials(
 ) -> tuple[dict, str]:
     """The assembly's outcome on ``parts`` written as partials, and its output path (``out``,
     else out/azint_scan.h5 in ``tmp_path``)."""
+    payload = scan_payload(tmp_path, parts, output, integration, out)
+    for k, part in enumerate(parts):
+        write_partial(payload["partials"][k], part)
+    return assemble_scan.run([{"status": "done"}] * len(parts), payload), payload["output"]
+
+
+def scan_payload(
+    tmp_path,
+    parts: list[Partial],
+    output: dict[str, str],
+    integration: dict | None = None,
+    out: str = "",
+) -> dict:
+    """The scan task of :func:`assemble_partials` (its partials not written)."""
     (tmp_path / "x.poni").write_text(PONI)
     ai = {"poni_file": str(tmp_path / "x.poni"), "unit": "q_nm^-1"} | (integration or {})
     mapping = {
@@ -78,24 +93,18 @@ def assemble_partials(
         "output": output,
     }
     config = Config.from_mapping(mapping)
-    paths = []
-    for k, part in enumerate(parts):
-        paths.append(str(tmp_path / "partials" / f"{k:04d}.h5"))
-        write_partial(paths[-1], part)
-    out = out or str(tmp_path / "out" / "azint_scan.h5")
-    payload = ScanTask(
+    return ScanTask(
         job_id="j",
         prefix="t",
         scan_key="scan",
         master="",
         entry="",
         label="1.1",
-        output=out,
+        output=out or str(tmp_path / "out" / "azint_scan.h5"),
         n_frames=sum(len(p.intensity) for p in parts),
-        partials=paths,
+        partials=[str(tmp_path / "partials" / f"{k:04d}.h5") for k in range(len(parts))],
         config=config.payload_mapping(),
     ).to_dict()
-    return assemble_scan.run([{"status": "done"}] * len(parts), payload), out
 
 
 def run_assembly(
@@ -213,3 +222,18 @@ def test_streaming_partials_holds_slabs_not_the_dataset(tmp_path):
     assert peak < 2 * SLAB_BYTES + 8 * 2**20, f"peak {peak / 2**20:.1f} MiB for 64 MiB"
     with h5py.File(tmp_path / "out.h5") as h5, h5py.File(path) as src:
         assert h5["x"][()].tobytes() == src["intensity"][()].tobytes()
+
+
+def test_an_assembly_delivered_again_after_it_wrote_is_done(tmp_path):
+    """A worker killed after the output was written and the partials removed, before the
+    task was acknowledged: the redelivered assembly reports the scan done, output intact."""
+    parts = make_partials(tmp_path, [3, 4])
+    first, out = assemble_partials(tmp_path, parts, {})
+    assert first["status"] == "done" and not any((tmp_path / "partials").glob("*.h5"))
+    before = Path(out).read_bytes()
+    payload = scan_payload(tmp_path, parts, {})  # the same scan, delivered again
+    again = assemble_scan.run([{"status": "done"}] * 2, payload)
+    assert again == {"status": "done", "scan": "scan", "output": out, "frames": 7}, again
+    assert Path(out).read_bytes() == before
+    wrong = dict(payload, n_frames=8)  # not this scan's output: rebuilt, and fails (no partial)
+    assert assemble_scan.run([{"status": "done"}] * 2, wrong)["status"] == "failed"

@@ -108,8 +108,14 @@ def assert_close(actual, expected, rtol, skip=None):
     """Relative to each value, or to 1e-3 of its row's largest for near-empty bins; ``skip``:
     bins left out (see :func:`cancelling_bins`)."""
     expected = np.asarray(expected, np.float64)
+    actual = np.asarray(actual, np.float64)
     if skip is not None:
         actual, expected = np.where(skip, 0, actual), np.where(skip, 0, expected)
+    finite_a, finite_e = np.isfinite(actual), np.isfinite(expected)
+    assert np.array_equal(finite_a, finite_e), (
+        f"{int((finite_a != finite_e).sum())} bins finite on one side only"
+    )  # a bin both leave non-finite (a zero normalization) is the same answer
+    actual, expected = np.where(finite_a, actual, 0), np.where(finite_e, expected, 0)
     rows = expected.reshape(len(expected), -1)
     floor = 1e-3 * np.abs(rows).max(axis=1).reshape((-1,) + (1,) * (expected.ndim - 1))
     error = np.abs(actual - expected) / np.maximum(np.abs(expected), floor)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .conftest import edit_config, spawn_cli
+from .conftest import edit_config, kill_tree, spawn_cli
 
 pytestmark = pytest.mark.service
 
@@ -30,13 +30,15 @@ def test_ctrl_c_stops_workers_and_broker(small_demo, tmp_path):
         time.sleep(0.05)
     names = [p.stem.removeprefix("worker-") for p in logs.glob("*.log")]
     assert len(names) == 2, "workers never started"
-    for _ in range(20):  # Python drops a SIGINT that lands in a __del__: press again
-        cli.send_signal(signal.SIGINT)
-        try:
-            _, stderr = cli.communicate(timeout=3)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    # one Ctrl-C stops everything: one that Python dropped (raised inside a __del__) is
+    # remembered and raised at the next check; the workers' warm shutdown of engines still
+    # booting can take 20 s on a busy machine
+    cli.send_signal(signal.SIGINT)
+    try:
+        _, stderr = cli.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        kill_tree(cli.pid)
+        raise AssertionError("one Ctrl-C did not stop ringflow run within 90 s") from None
     assert cli.returncode == 130, stderr[-2000:]
     assert "interrupted" in stderr and "Traceback" not in stderr
     broker_conf = str(tmp_path / "out" / ".ringflow" / "broker" / "redis.conf")

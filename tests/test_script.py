@@ -66,7 +66,7 @@ def test_script_has_directives_and_quoted_values(small_demo, tmp_path):
         "export RINGFLOW_BROKER_URL_FILE='/ws dir/broker.url'",
         "exec '/opt/my envs/bin/python' -m celery",
         "--concurrency=4",
-        "-Q ringflow.gpu2",
+        "-Q ringflow.gpu2,ringflow.assemble -n",  # its own queue first, then assemblies
     ):
         assert line in script
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
@@ -76,7 +76,7 @@ def test_assembly_job_asks_no_gpu(small_demo, tmp_path):
     config = config_with(small_demo, tmp_path, assemble_cores="3")
     script = job_script(config, assemble_spec(config), "/u", "/l")
     assert "--gres" not in script and "#SBATCH --cpus-per-task=3" in script
-    assert "-Q ringflow.assemble" in script
+    assert "-Q ringflow.assemble -n" in script  # assemblies only
 
 
 def test_hostile_values_are_refused_or_quoted(small_demo, tmp_path):

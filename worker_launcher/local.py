@@ -6,6 +6,10 @@ pyFAI engines. A worker of GPU slot k sees only its GPU through CUDA_VISIBLE_DEV
 under SLURM. Unlike a SLURM job, a local worker runs in this interpreter, and its engines and
 threads are scaled down to the CPUs this process may use (:func:`local_sizing`): the
 configuration is usually written for a cluster node.
+
+A worker whose main process dies is started again with the same script and environment
+(:meth:`LocalWorkers.restart_dead`, at most RESTARTS times, after BACKOFF_S): the caller's
+supervisor (:mod:`.supervise`) hands its files back.
 """
 
 from __future__ import annotations
@@ -16,15 +20,32 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tasks.config import Config
 from tasks.errors import WorkerError
-from tasks.gpu import LOCAL_WORKER_ENV
+from tasks.gpu import LOCAL_WORKER_ENV, local_fallback_note
+from tasks.writers import make_private_folder, private_file
 
 from .script import WorkerSpec, assemble_spec, gpu_spec, job_script
+from .watch import interrupts_deferred
+
+RESTARTS = 3  # restarts of one local worker before the job fails
+BACKOFF_S = (0.0, 2.0, 5.0)  # wait before the 1st, 2nd, 3rd restart: a crash loop slows down
+
+
+def describe_exit(code: int | None) -> str:
+    """A Popen return code in words: 'killed by SIGKILL', 'exited with code 3'."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 @dataclass
@@ -32,31 +53,75 @@ class WorkerProcess:
     name: str
     log: str
     process: subprocess.Popen
+    spec: WorkerSpec
+    env: dict[str, str]
+    restarts: int = 0  # how many times this worker (its role) was started again
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def log_tail(self, lines: int = 5) -> str:
-        try:
-            with open(self.log, errors="replace") as fh:
-                return "".join(fh.readlines()[-lines:]).strip()
-        except OSError:
-            return ""
+    def exit_reason(self) -> str:
+        return describe_exit(self.process.poll())
 
 
 @dataclass
 class LocalWorkers:
     workers: list[WorkerProcess] = field(default_factory=list)
+    starter: Callable[[WorkerSpec, dict[str, str]], WorkerProcess] | None = None
+    on_start: Callable[[int, str], None] | None = None
+    _due: dict[str, float] = field(default_factory=dict)  # role -> when its restart may run
 
     def dead(self) -> list[WorkerProcess]:
         return [w for w in self.workers if not w.alive()]
 
     def check(self) -> None:
-        """Raise if any worker exited: a local run has no other worker to fall back on."""
-        for worker in self.dead():
-            raise WorkerError(
-                f"worker {worker.name} exited (log {worker.log}): {worker.log_tail(3)}"
-            )
+        """Restart the workers that died (see :meth:`restart_dead`); raise when one has died
+        more often than RESTARTS: a worker that cannot stay up must not loop forever."""
+        self.restart_dead()
+
+    def restart_dead(
+        self,
+        on_event: Callable[[str], None] | None = None,
+        on_dead: Callable[[WorkerProcess], None] | None = None,
+    ) -> list[str]:
+        """Start again each worker whose main process ended, after its backoff; returns the
+        names of the workers found dead by this call (their in-flight files are orphans).
+
+        What is left of a dead worker's process group (pool children) is killed first: a
+        child still writing a partial would race the file's redelivery. ``on_dead`` is then
+        told of it, before its replacement starts (and takes files from its queue).
+        """
+        gone = []
+        for k, worker in enumerate(self.workers):
+            if worker.alive():
+                continue
+            role = worker.spec.role
+            if role not in self._due:
+                _signal_group(worker.process, signal.SIGKILL)
+                gone.append(worker.name)
+                if on_dead:
+                    on_dead(worker)
+                if worker.restarts >= RESTARTS or self.starter is None:
+                    raise WorkerError(
+                        f"worker {worker.name} {worker.exit_reason()} (log {worker.log}); "
+                        f"restarted {worker.restarts} times, giving up"
+                    )
+                self._due[role] = time.monotonic() + BACKOFF_S[worker.restarts]
+                if on_event:
+                    on_event(
+                        f"worker {worker.name} {worker.exit_reason()} (log {worker.log}); "
+                        f"restarting it ({worker.restarts + 1} of {RESTARTS})"
+                    )
+            if time.monotonic() < self._due[role]:
+                continue
+            del self._due[role]
+            with interrupts_deferred():  # a process started is a process recorded
+                fresh = self.starter(worker.spec, worker.env)
+                fresh.restarts = worker.restarts + 1
+                self.workers[k] = fresh
+                if self.on_start:
+                    self.on_start(fresh.process.pid, role)
+        return gone
 
     def stop_if_idle(self, client, prefix: str) -> bool:
         """Stop the workers at once (SIGKILL) if no message of this deployment waits in a queue
@@ -120,6 +185,18 @@ def local_sizing(engines: int, threads: int, cpus: int, workers: int = 1) -> tup
     return engines, max(1, min(threads, share // engines))
 
 
+def local_notes(config: Config, gpus: list[str]) -> list[str]:
+    """What local workers on ``gpus`` (none: one CPU worker) do other than configured, a line
+    each: opencl on the CPU (no GPU here), fewer engines or threads (fewer CPUs here). Said by
+    every command that starts local workers, and listed by ``check``."""
+    comp = config.computations
+    notes = (
+        local_fallback_note(config.integration.ai_method, comp.cpu_fallback),
+        sizing_note(config, gpus),
+    )
+    return [note for note in notes if note]
+
+
 def sizing_note(config: Config, gpus: list[str], cpus: int | None = None) -> str:
     """The one line saying that :func:`local_specs` scaled the workers down; "" if it did not."""
     cpus = cpus or usable_cpus()
@@ -178,11 +255,15 @@ def start_local_workers(
 
     ``on_start(pid, role)`` is told of each process as soon as it runs.
     """
-    os.makedirs(folder, exist_ok=True)
-    workers = LocalWorkers()
+    make_private_folder(folder)
+
+    def starter(spec: WorkerSpec, env: dict[str, str]) -> WorkerProcess:
+        return _start(config, spec, env, url_file, folder)
+
+    workers = LocalWorkers(starter=starter, on_start=on_start)
     try:
         for spec, env in local_specs(config, gpus or [], first_slot):
-            workers.workers.append(_start(config, spec, env, url_file, folder))
+            workers.workers.append(starter(spec, env))
             if on_start:
                 on_start(workers.workers[-1].process.pid, spec.role)
     except BaseException:  # Ctrl-C between two starts: leave nothing behind
@@ -194,12 +275,12 @@ def start_local_workers(
 def _start(config: Config, spec: WorkerSpec, env: dict, url_file: str, folder: str):
     tag = "l" + uuid.uuid4().hex[:6]
     script = os.path.join(folder, f"worker-{spec.role}-{tag}.sh")
-    with open(script, "w") as fh:
+    with open(private_file(script, append=False), "w") as fh:
         fh.write(job_script(config, spec, url_file, folder, local=True))
     log = os.path.join(folder, f"worker-{spec.role}-{tag}.log")
     # a local worker without a GPU integrates on the CPU (tasks.gpu), as the client said
     full_env = dict(os.environ) | env | {"RINGFLOW_NODE_TAG": tag, LOCAL_WORKER_ENV: "1"}
-    with open(log, "ab") as out:
+    with open(private_file(log), "ab") as out:
         process = subprocess.Popen(
             [shutil.which("bash") or "/bin/bash", script],
             env=full_env,
@@ -208,7 +289,7 @@ def _start(config: Config, spec: WorkerSpec, env: dict, url_file: str, folder: s
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    return WorkerProcess(f"{spec.role}-{tag}", log, process)
+    return WorkerProcess(f"{spec.role}-{tag}", log, process, spec, env)
 
 
 def visible_gpus() -> list[str]:

@@ -8,6 +8,8 @@ so asking twice requeues nothing the second time.
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -15,6 +17,7 @@ from tasks import registry
 from tasks.config import Config
 from tasks.errors import RingflowError
 from tasks.jobs import assign_slots, send_chords
+from tasks.outputs import leftover_cutoff, remove_leftovers
 from tasks.payloads import FileTask
 
 from .distributed import target_slots
@@ -46,6 +49,7 @@ class RequeueResult:
     moved: int = 0  # stranded messages moved to live queues
     restored: list[str] = field(default_factory=list)  # orphaned in-flight tasks handed back
     stopped: tuple[str, ...] = ()  # 'role pid' left running by a killed run, stopped first
+    removed: list[str] = field(default_factory=list)  # temporaries a killed writer left
 
 
 def requeue(
@@ -55,20 +59,26 @@ def requeue(
     selection: Selection,
     nodes: list[Node] | None = None,
     slots: list[int] | None = None,
+    orphans_restored: bool = False,
 ) -> RequeueResult:
     """Requeue the selected files of ``job_id`` onto ``slots`` (default: the live workers').
 
-    ``nodes``: the live workers, when the caller has just asked.
+    ``nodes``: the live workers, when the caller has just asked. ``orphans_restored``: the
+    caller handed back every in-flight file before any worker started (the owner of the
+    embedded broker): looking again would only wait out the grace of files the new workers
+    have just taken.
     """
     selection.check()
+    started = time.time()
     client, prefix = app.backend.client, config.queue.queue_prefix
     manifest = registry.read_manifest(client, prefix, job_id)
     if not manifest:
         raise RingflowError(f"job {job_id}: unknown on this broker, or its records expired")
     result = RequeueResult()
     nodes = live_nodes(app, prefix) if nodes is None else nodes
-    if selection.stranded:
+    if selection.stranded and not orphans_restored:
         result.restored = restore_orphans(app, prefix, wait=True)
+    if selection.stranded:
         result.moved = move_stranded(client, prefix, nodes)
     done = registry.read_done(client, prefix, job_id)
     failed = registry.read_progress(client, prefix, job_id).failures
@@ -83,11 +93,23 @@ def requeue(
         else:
             chosen.append(task_id)
     if chosen:
+        since = leftover_cutoff(config, started)
+        result.removed = _remove_leftovers(client, prefix, job_id, manifest, chosen, since)
         result.scans = _send(
             app, config, job_id, manifest, chosen, slots or target_slots(config, nodes)
         )
         result.files = [manifest[t]["path"] for t in chosen]
     return result
+
+
+def _remove_leftovers(client, prefix: str, job_id: str, manifest, chosen, since: float) -> list:
+    """Temporaries a killed writer left of the scans about to be redone: their outputs' and
+    the chosen files' partials' (see :func:`tasks.outputs.remove_leftovers`)."""
+    scans = registry.read_scans(client, prefix, job_id)
+    keys = {manifest[t]["scan_key"] for t in chosen}
+    outputs = [scans[k]["scan"]["output"] for k in keys if k in scans]
+    folders = sorted({os.path.dirname(manifest[t]["partial"]) for t in chosen})
+    return remove_leftovers(outputs, folders, since)
 
 
 def _selected(task: dict, is_failed: bool, selection: Selection) -> bool:

@@ -16,10 +16,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tasks import registry
-from tasks.app import configure
+from tasks.app import configure_for
 from tasks.config import Config
 from tasks.errors import BrokerError, RingflowError
-from tasks.jobs import JobPlan, submit
+from tasks.jobs import JobPlan, remove_run_leftovers, submit
 from tasks.outputs import workspace
 
 from .distributed import scan_outcomes, wait_for_workers
@@ -28,6 +28,7 @@ from .local import LocalWorkers, start_local_workers
 from .recovery import restore_orphans
 from .requeue import RequeueResult, Selection, requeue
 from .status import JobStatus, job_status
+from .supervise import LocalSupervisor
 from .watch import (
     JobSummary,
     interrupts_deferred,
@@ -64,7 +65,7 @@ def local_services(config: Config, space: str) -> Iterator[LocalServices]:
                 f"{broker.folder}: the job broker of this workspace is in use by ringflow "
                 f"process {broker.owner_pid}; wait for it to end (ringflow status shows it)"
             )
-        app = configure(broker.url, config.queue.task_time_limit)
+        app = configure_for(broker.url, config.queue)
         prefix = config.queue.queue_prefix
         handed_back = restore_orphans(app, prefix, no_worker_alive=True) if broker.owner else []
         logs = os.path.join(space, "logs")
@@ -92,17 +93,19 @@ def services_ahead(config: Config) -> Iterator[LocalServices | None]:
         yield None
         return
     created = _first_missing(space)
-    services = None
+    services, broker_failed = None, False
     try:
         try:
             with local_services(config, space) as services:
                 yield services
-        except (RingflowError, OSError):
+        except (RingflowError, OSError) as exc:
             if services is not None:
                 raise  # a failure after the start belongs to the job
+            broker_failed = isinstance(exc, BrokerError)  # its log is for the user to read
             yield None  # the start failed: plan first, as without this
     finally:
-        if created and (services is None or not services.submitted):
+        unused = services is None or not services.submitted
+        if created and unused and not broker_failed:
             shutil.rmtree(created, ignore_errors=True)
 
 
@@ -120,9 +123,12 @@ def run_plan(
     plan: JobPlan,
     on_progress: Callable[[registry.Progress, float], None],
     services: LocalServices | None = None,
+    on_event: Callable[[str], None] = print,
 ) -> JobSummary:
     """Integrate every scan of ``plan`` on local workers and wait for the outputs; on
-    ``services`` if started ahead for this workspace, else on workers started here."""
+    ``services`` if started ahead for this workspace, else on workers started here.
+
+    ``on_event`` is told, in one line, of each worker or broker restarted on the way."""
     start = time.monotonic()
     summary = new_summary(plan)
     if plan.scans:
@@ -135,11 +141,31 @@ def run_plan(
             services.submitted = True
             callbacks = submit(services.app, plan)
             hint = f"worker logs in {os.path.join(plan.workspace, 'logs')}"
-            outcomes = watch(services.app, plan, callbacks, services.workers, on_progress, hint)
+            supervisor = supervise(services, config, plan.job_id, on_event)
+            outcomes = watch(services.app, plan, callbacks, supervisor, on_progress, hint, on_event)
             summarise(summary, services.app, plan, outcomes)
             stop_idle_workers(services, config.queue.queue_prefix)
+            removed = remove_run_leftovers(plan)
+            if removed:
+                on_event(f"{len(removed)} temporary file(s) of killed processes removed")
     summary.seconds = time.monotonic() - start
     return summary
+
+
+def supervise(
+    services: LocalServices, config: Config, job_id: str, on_event: Callable[[str], None]
+) -> LocalSupervisor:
+    """The supervisor of ``services`` for ``job_id``; once it gives up, the user is told how
+    to finish the job."""
+    give_up = f"finish the job with: ringflow requeue {config.source} {job_id} --stranded"
+    return LocalSupervisor(
+        services.app,
+        config.queue.queue_prefix,
+        services.workers,
+        services.broker,
+        on_event,
+        give_up,
+    )
 
 
 def stop_idle_workers(services: LocalServices, prefix: str) -> bool:
@@ -158,6 +184,7 @@ def requeue_here(
     job_id: str,
     selection: Selection,
     on_progress: Callable[[registry.Progress, float], None],
+    on_event: Callable[[str], None] = print,
 ) -> tuple[RequeueResult, JobStatus]:
     """``requeue`` on this machine's workers, followed until every scan has an outcome.
 
@@ -170,15 +197,19 @@ def requeue_here(
         if not registry.read_manifest(app.backend.client, prefix, job_id):
             raise RingflowError(f"job {job_id}: unknown in {space}, or its records expired")
         nodes = wait_for_workers(app, config, None, config.queue.worker_start_timeout)
-        result = requeue(app, config, job_id, selection, nodes, slots=[0])
+        owner = services.broker.owner
+        result = requeue(app, config, job_id, selection, nodes, slots=[0], orphans_restored=owner)
         result.restored += services.handed_back
         result.stopped = services.broker.stopped
         callbacks = unfinished_scans(app, prefix, job_id)
         result.scans = sorted(set(result.scans) | set(callbacks))
         plan = JobPlan(job_id, config, space)
         hint = f"worker logs in {os.path.join(space, 'logs')}"
-        watch(app, plan, callbacks, services.workers, on_progress, hint)
-        return result, job_status(app, prefix, job_id)
+        supervisor = supervise(services, config, job_id, on_event)
+        watch(app, plan, callbacks, supervisor, on_progress, hint, on_event)
+        final = job_status(app, prefix, job_id)
+        stop_idle_workers(services, prefix)  # as a run does: no warm shutdown of idle workers
+        return result, final
 
 
 def unfinished_scans(app, prefix: str, job_id: str) -> dict[str, str]:

@@ -4,6 +4,10 @@
 same text with bash, where the #SBATCH lines are comments. Every value is shell-quoted. The
 broker URL holds the Redis password, so the script only names the 0600 file that holds it:
 ``--dry-run`` output, SLURM's stored copy and ``ps`` never show the secret.
+
+The script also gives the worker what it trusts instead of its messages: the folders of its
+job (:mod:`tasks.confine`, outside which it writes nothing) and, with ``[queue] security_*``,
+the files that sign and check every message (:class:`tasks.app.Signing`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from dataclasses import dataclass
 
 import tasks
 from tasks import keys
+from tasks.app import SECURITY_ENV, Signing
 from tasks.config import Config
+from tasks.confine import WRITE_ROOTS_ENV, write_roots
 from tasks.errors import ConfigError
 
 JOB_SCRIPT = """\
@@ -27,17 +33,20 @@ set -eu
 unset RINGFLOW_BROKER_URL
 export RINGFLOW_BROKER_URL_FILE={url_file}
 export RINGFLOW_TASK_TIME_LIMIT={time_limit}
+export RINGFLOW_RESULT_EXPIRES={result_expires}
 export RINGFLOW_QUEUE_PREFIX={prefix_q}
 export RINGFLOW_ROLE={role}
 export RINGFLOW_SLOT={slot}
 export RINGFLOW_WARM_CONFIG={warm_config}
 export OMP_NUM_THREADS={threads} OPENBLAS_NUM_THREADS={threads} MKL_NUM_THREADS={threads}
 export RINGFLOW_ENGINE_THREADS={threads}
+export {roots_env}={write_roots}
+{signing}
 export PYTHONPATH={pythonpath}"${{PYTHONPATH:+:$PYTHONPATH}}"
 {device_check}
 # exec: the worker itself gets SLURM's --signal, for a warm shutdown before the time limit.
 exec {python} -m celery -A tasks.app worker --pool=prefork --concurrency={concurrency} \\
-    -Q {queue} -n {node_base}-"${{RINGFLOW_NODE_TAG:-j${{SLURM_JOB_ID:-$$}}}}"@%h \\
+    -Q {queues} -n {node_base}-"${{RINGFLOW_NODE_TAG:-j${{SLURM_JOB_ID:-$$}}}}"@%h \\
     --without-gossip --without-mingle -E --loglevel={loglevel}
 """
 
@@ -64,6 +73,12 @@ class WorkerSpec:
     threads: int  # per process (OMP / decompression)
     cpus: int  # what the SLURM job asks for
     gres: str  # e.g. gpu:1; empty: none
+    fallback: str = ""  # a queue consumed only while its own is empty (see :func:`gpu_spec`)
+
+    @property
+    def queues(self) -> str:
+        """The ``-Q`` list, own queue first: the app consumes in this order (priority)."""
+        return ",".join(q for q in (self.queue, self.fallback) if q)
 
     @property
     def job_name(self) -> str:
@@ -71,6 +86,13 @@ class WorkerSpec:
 
 
 def gpu_spec(config: Config, slot: int) -> WorkerSpec:
+    """An integration worker; it also assembles scans, but only when its GPU queue is empty.
+
+    The assembly job may never start (a node whose CPUs the GPU jobs hold, a partition
+    where it queues behind them) or may die: a scan's assembly then waits on a queue that a
+    live GPU worker takes it from, so a job completes wherever one GPU job runs. While the
+    assembly worker lives, it takes the assemblies (its queue is its only one).
+    """
     comp = config.computations
     cpus = comp.cpus_per_worker or comp.ai_engines_per_worker * comp.cores_per_worker
     return WorkerSpec(
@@ -81,6 +103,7 @@ def gpu_spec(config: Config, slot: int) -> WorkerSpec:
         threads=comp.cores_per_worker,
         cpus=cpus,
         gres=comp.gres,
+        fallback=keys.assemble_queue(config.queue.queue_prefix),
     )
 
 
@@ -109,14 +132,17 @@ def job_script(
     prefix = config.queue.queue_prefix
     python = shlex.quote(sys.executable if local else slurm_python(config))
     return JOB_SCRIPT.format(
-        directives="\n".join(
-            f"#SBATCH {line}" for line in sbatch_directives(config, spec, log_dir)
-        ),
+        # a local script runs with bash: #SBATCH lines would be comments naming its paths
+        directives=""
+        if local
+        else "\n".join(f"#SBATCH {line}" for line in sbatch_directives(config, spec, log_dir)),
         node_base=shlex.quote(keys.node_name(prefix, spec.role, "").rstrip("-")),
         prefix_q=shlex.quote(prefix),
         queue=shlex.quote(spec.queue),
+        queues=shlex.quote(spec.queues),
         url_file=shlex.quote(url_file),
         time_limit=int(config.queue.task_time_limit),
+        result_expires=int(config.queue.job_ttl_s),
         role=shlex.quote(spec.role),
         slot="" if spec.slot is None else int(spec.slot),
         # integration processes build their engine from it as soon as they start
@@ -124,10 +150,21 @@ def job_script(
         threads=int(spec.threads),
         pythonpath=shlex.quote(project_root()),
         device_check=device_check(spec, python, local),
+        roots_env=WRITE_ROOTS_ENV,
+        write_roots=shlex.quote(write_roots(config).to_env()),
+        signing=signing_lines(Signing.of(config.queue)),
         python=python,
         concurrency=int(spec.concurrency),
         loglevel=LOG_LEVELS.get(config.pipeline.verbosity, "INFO"),
     )
+
+
+def signing_lines(signing: Signing | None) -> str:
+    """The script's exports of the signing files' paths; with signing off, an unset, so that
+    a worker never signs with files its caller's environment happened to name."""
+    if signing is None:
+        return "unset " + " ".join(SECURITY_ENV.values())
+    return "\n".join(f"export {name}={shlex.quote(path)}" for name, path in signing.env().items())
 
 
 def device_check(spec: WorkerSpec, python: str, local: bool) -> str:

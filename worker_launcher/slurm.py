@@ -17,12 +17,16 @@ from tasks.config import Config
 from tasks.errors import WorkerError
 from tasks.gpu import START_CHECK_MARK
 from tasks.outputs import deployment_dir
+from tasks.writers import make_private_folder, private_file
 
 from .broker import write_url_file
 from .script import WorkerSpec, assemble_spec, gpu_spec, job_script
 
 JOB_ID = re.compile(r"^(?P<job_id>\d+)(;\S+)?$")
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
+# states in which processes of a job may still run; a job that ran and is in none of them
+# (squeue no longer lists it, or lists it PENDING again after a requeue) has no process left
+MAY_RUN = (ACTIVE - {"PENDING", "REQUEUED"}) | {"STOPPED", "SIGNALING", "STAGE_OUT"}
 SQUEUE_FORMAT = "%i|%j|%T|%r|%N|%M"
 CALL_TIMEOUT = 60
 LOG_TAIL_BYTES = 64 * 1024
@@ -61,6 +65,11 @@ class SlurmJob:
     @property
     def active(self) -> bool:
         return self.state in ACTIVE
+
+    @property
+    def may_run(self) -> bool:
+        """Processes of the job may be alive (a worker in it may still hold files)."""
+        return self.state in MAY_RUN
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -101,7 +110,7 @@ class SlurmLauncher:
     def submit(self, broker_url: str) -> list[tuple[WorkerSpec, str, bool]]:
         """Submit every worker job not already queued or running: (spec, job id, new?)."""
         write_url_file(self.folder, broker_url)
-        os.makedirs(self.log_dir, exist_ok=True)
+        make_private_folder(self.log_dir)
         running = {job.name: job.job_id for job in self.jobs() if job.active}
         submitted = []
         for spec in self.specs():
@@ -114,8 +123,8 @@ class SlurmLauncher:
 
     def _sbatch(self, spec: WorkerSpec) -> str:
         path = os.path.join(self.folder, "scripts", f"{spec.job_name}.sh")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as fh:
+        make_private_folder(os.path.dirname(path))
+        with open(private_file(path, append=False), "w") as fh:
             fh.write(self.script(spec))
         out = call(["sbatch", "--parsable", path]).strip()
         match = JOB_ID.match(out.splitlines()[-1] if out else "")
@@ -150,6 +159,11 @@ class SlurmLauncher:
                 return "".join(fh.readlines()[-lines:]).strip()
         except OSError:
             return ""
+
+    def gpu_slots(self) -> dict[str, int]:
+        """SLURM job id -> GPU slot, for the GPU worker jobs :meth:`submit` returned."""
+        slots = {spec.job_name: spec.slot for spec in self.specs() if spec.slot is not None}
+        return {job_id: slots[name] for name, job_id in self.submitted.items() if name in slots}
 
     def gpu_jobs_gone(self, jobs: list[SlurmJob]) -> bool:
         """No GPU worker job of this deployment is queued or running any more (``jobs``:

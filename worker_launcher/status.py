@@ -2,7 +2,13 @@
 
 Read-only: built from the registry (manifest, done, retrying, failed files), the scans'
 callback results, the GPU queues' lengths and the workers that answer. Works while the job
-runs and after it ended, as long as its records have not expired.
+runs and after it ended, as long as its records have not expired. State names and the
+reading of callback results come from :mod:`tasks.states`.
+
+A GPU queue holding files that no live worker consumes is *starting* while the job is
+younger than ``start_timeout`` (``[queue] worker_start_timeout``: ``ringflow run`` starts
+its workers as it submits, SLURM may queue them, and a run waits that long for them), and
+*stranded* after: its worker died or never came, and ``requeue --stranded`` moves its files.
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ from tasks import keys, registry
 from tasks.errors import RingflowError
 from tasks.queues import pending_files
 from tasks.registry import text
+from tasks.states import JobState, ScanState, job_state, parse_outcome, scan_state
 
-from .distributed import scan_outcomes
 from .nodes import live_nodes
 from .watch import done_frames
 
@@ -29,7 +35,7 @@ class ScanStatus:
     failed: int = 0
     retrying: int = 0
     frames: int = 0
-    state: str = "running"  # running, written, incomplete (a file failed), failed (assembly)
+    state: str = ScanState.RUNNING
     message: str = ""
 
     @property
@@ -47,9 +53,10 @@ class JobStatus:
     workers: list[dict]  # live Celery workers of the deployment and their queues
     queued: dict[str, int]  # GPU queue -> files waiting in it
     stranded: list[str]  # GPU queues holding files that no live worker consumes
+    starting: list[str] = field(default_factory=list)  # the same while workers may start
     frames_done: int = 0
     frames_per_s: float = 0.0
-    state: str = "running"
+    state: str = JobState.RUNNING
     counts: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -64,7 +71,9 @@ def latest_job(client, prefix: str) -> str:
     return text(newest[0])
 
 
-def job_status(app, prefix: str, job_id: str) -> JobStatus:
+def job_status(app, prefix: str, job_id: str, start_timeout: float = 0.0) -> JobStatus:
+    """The job's state now; queues without a live worker are *starting* for the first
+    ``start_timeout`` seconds after submission, then *stranded* (see the module docstring)."""
     client = app.backend.client
     submitted = client.zscore(keys.jobs(prefix), job_id)
     files = registry.read_manifest(client, prefix, job_id)
@@ -75,11 +84,14 @@ def job_status(app, prefix: str, job_id: str) -> JobStatus:
     retries = registry.read_retries(client, prefix, job_id)
     registered = registry.read_scans(client, prefix, job_id)
     scans = _scan_rows(registered, files, done, progress, retries)
-    for scan, outcome in scan_outcomes(app, registered).items():
-        _apply_outcome(scans[scan], outcome)
+    for key, entry in registered.items():
+        outcome = parse_outcome(app.backend.get_task_meta(entry["callback"]))
+        scans[key].state, scans[key].message = scan_state(outcome)
     nodes = live_nodes(app, prefix)
     queued = pending_files(client, prefix)
     consumed = {q for node in nodes for q in node.queues}
+    unconsumed = sorted(q for q in queued if q not in consumed)
+    young = time.time() - float(submitted) < start_timeout
     status = JobStatus(
         job_id=job_id,
         submitted=float(submitted),
@@ -88,7 +100,8 @@ def job_status(app, prefix: str, job_id: str) -> JobStatus:
         retrying=[r | {"task_id": t} for t, r in retries.items() if t not in done],
         workers=[n.as_dict(prefix) for n in nodes],
         queued=queued,
-        stranded=sorted(q for q in queued if q not in consumed),
+        stranded=[] if young else unconsumed,
+        starting=unconsumed if young else [],
         frames_done=progress.frames_done,
     )
     status.counts = {
@@ -101,7 +114,7 @@ def job_status(app, prefix: str, job_id: str) -> JobStatus:
     if not status.counts["pending"]:  # exact once nothing runs: the counter counts redone frames
         status.frames_done = done_frames(done)
     status.frames_per_s = _rate(status, done)
-    status.state = _job_state(status.scans)
+    status.state = job_state([s.state for s in status.scans])
     return status
 
 
@@ -123,25 +136,6 @@ def _scan_rows(scans: dict, files: dict, done: dict, progress, retries: dict) ->
         elif task_id in retries:
             row.retrying += 1
     return rows
-
-
-def _apply_outcome(row: ScanStatus, outcome: dict | None) -> None:
-    if outcome is None:
-        return
-    if not isinstance(outcome, dict):
-        row.state, row.message = "failed", f"assembly: {outcome}"
-    elif outcome.get("status") == "done":
-        row.state = "written"
-    elif outcome.get("status") == "incomplete":
-        row.state, row.message = "incomplete", f"{len(outcome.get('failed', []))} file(s) failed"
-    else:
-        row.state, row.message = "failed", str(outcome.get("message", ""))
-
-
-def _job_state(scans: list[ScanStatus]) -> str:
-    if any(s.state == "running" for s in scans):
-        return "running"
-    return "done" if all(s.state == "written" for s in scans) else "incomplete"
 
 
 def _rate(status: JobStatus, done: dict) -> float:

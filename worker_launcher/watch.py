@@ -18,6 +18,8 @@ from tasks import registry
 from tasks.errors import BrokerError, WorkerError
 from tasks.jobs import JobPlan
 
+from .recovery import LostCallbacks
+
 POLL_S = 0.25
 BROKER_OUTAGE_S = 60.0  # a broker restart shorter than this does not end the watch
 STOP = threading.Event()  # set by the CLI's signal handler: a KeyboardInterrupt that Python
@@ -71,6 +73,9 @@ class Supervisor(Protocol):
     def check(self) -> None:
         """Raise WorkerError when the job cannot finish (workers dead); may fix queues."""
 
+    # optional: broker_lost() -> None, called while the broker does not answer; may start
+    # it again (the embedded one), or raise BrokerError when it cannot
+
 
 @dataclass
 class JobSummary:
@@ -120,9 +125,15 @@ def watch(
     supervisor: Supervisor,
     on_progress: Callable[[registry.Progress, float], None],
     log_hint: str = "",
+    on_event: Callable[[str], None] | None = None,
 ) -> dict:
-    """Wait for every scan callback; returns scan key -> callback result."""
+    """Wait for every scan callback; returns scan key -> callback result.
+
+    A callback Celery lost (its chord one count short) is sent again
+    (:class:`worker_launcher.recovery.LostCallbacks`); ``on_event`` tells the user.
+    """
     stall = plan.config.queue.stall_timeout
+    lost = LostCallbacks(app, plan.config.queue.queue_prefix, plan.job_id, on_event)
     start = last_change = time.monotonic()
     last_state, outcomes = None, {}
     pending = dict(callbacks)
@@ -132,8 +143,13 @@ def watch(
             progress = _poll(app, plan, pending, outcomes)
             if pending:
                 supervisor.check()
+                lost.look(pending)
         except broker_down() as exc:  # a broker restart: workers reconnect, so do we
             outage_since = outage_since or time.monotonic()
+            lost.restart_clocks()  # counts delayed by the outage land once it is over
+            restart = getattr(supervisor, "broker_lost", None)
+            if restart is not None:
+                restart()
             if time.monotonic() - outage_since > BROKER_OUTAGE_S:
                 lost = f"broker unreachable for {BROKER_OUTAGE_S:.0f} s: {exc}"
                 raise BrokerError(lost) from None
@@ -160,11 +176,14 @@ def done_frames(done: dict[str, dict]) -> int:
 
 
 def _poll(app, plan: JobPlan, pending: dict, outcomes: dict) -> registry.Progress:
-    """Move scans whose callback ended from ``pending`` to ``outcomes``; the job's counters."""
+    """Move scans whose callback ended from ``pending`` to ``outcomes`` (each its
+    :func:`tasks.states.parse_outcome`); the job's counters."""
+    from tasks.states import parse_outcome
+
     for key, task_id in list(pending.items()):
-        meta = app.backend.get_task_meta(task_id)
-        if meta["status"] in ("SUCCESS", "FAILURE", "REVOKED"):
-            outcomes[key] = meta["result"]
+        outcome = parse_outcome(app.backend.get_task_meta(task_id))
+        if outcome is not None:
+            outcomes[key] = outcome
             del pending[key]
     return registry.read_progress(app.backend.client, plan.config.queue.queue_prefix, plan.job_id)
 
@@ -178,6 +197,8 @@ def broker_down() -> tuple[type[BaseException], ...]:
 
 
 def summarise(summary: JobSummary, app, plan: JobPlan, outcomes: dict) -> None:
+    from tasks.states import Outcome
+
     client, prefix = app.backend.client, plan.config.queue.queue_prefix
     progress = registry.read_progress(client, prefix, plan.job_id)
     summary.files_failed += [
@@ -190,11 +211,9 @@ def summarise(summary: JobSummary, app, plan: JobPlan, outcomes: dict) -> None:
     summary.files_retried = {
         info["file"]: info["attempts"] for info in done.values() if info.get("attempts", 1) > 1
     }
-    for scan, _ in plan.scans:
-        outcome = outcomes.get(scan.scan_key)
-        if isinstance(outcome, dict) and outcome.get("status") == "done":
+    for scan, _ in plan.scans:  # an incomplete scan's files are among the failures already
+        outcome = outcomes.get(scan.scan_key) or {"status": Outcome.FAILED, "message": "no outcome"}
+        if outcome["status"] == Outcome.DONE:
             summary.outputs.append(outcome["output"])
-        elif isinstance(outcome, dict) and outcome.get("status") == "failed":
+        elif outcome["status"] == Outcome.FAILED:
             summary.files_failed.append({"file": scan.output, "message": outcome["message"]})
-        elif not isinstance(outcome, dict):
-            summary.files_failed.append({"file": scan.output, "message": f"assembly: {outcome}"})
