@@ -13,7 +13,9 @@ from .run_cmd import execute
 
 
 def demo(
-    folder: Path = typer.Argument(..., help="Folder to write the demo dataset into."),
+    folder: Path = typer.Argument(
+        ..., metavar="FOLDER", help="Folder to write the demo dataset into."
+    ),
     run: bool = typer.Option(True, "--run/--no-run", help="Integrate it after writing."),
     scans: int = typer.Option(2, min=1, help="Scans in the dataset file."),
     files: int = typer.Option(3, min=1, help="Lima files per scan."),
@@ -24,7 +26,10 @@ def demo(
     n_pts: int = typer.Option(1000, min=2, help="Radial bins of the written configuration."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line."),
 ) -> None:
-    """Write a realistic small dataset (LaB6 rings, bitshuffle-LZ4 Lima files) and run it."""
+    """Write a realistic small dataset (LaB6 rings, bitshuffle-LZ4 Lima files) and run it.
+
+    Example: ringflow demo /tmp/rf-demo
+    """
     spec = DemoSpec(str(folder.resolve()), scans, files, frames, detector, lima_name, unit, n_pts)
     err.print(
         f"writing {scans} scans x {files} files x {frames} frames of {detector} into {folder}"

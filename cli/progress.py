@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tasks.jobs import JobPlan
 from worker_launcher.watch import JobSummary
 
 from .common import err, say
+
+PLAIN_EVERY_S = 5.0  # between two progress lines when stderr is no terminal
+EVERY_ENV = "RINGFLOW_PROGRESS_EVERY_S"  # overrides it
+
+
+def plain_every_s() -> float:
+    """Seconds between two plain progress lines: $RINGFLOW_PROGRESS_EVERY_S, else 5."""
+    text = os.environ.get(EVERY_ENV, "")
+    try:
+        value = float(text) if text else PLAIN_EVERY_S
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # NaN too
+        say("warning", f"${EVERY_ENV} = {text!r}: expected seconds >= 0; using {PLAIN_EVERY_S}")
+        return PLAIN_EVERY_S
+    return value
 
 
 @contextmanager
@@ -31,7 +50,32 @@ def job_progress(plan: JobPlan, quiet: bool) -> Iterator[Callable]:
 def frames_progress(
     label: str, total: int | None = None, n_files: int | None = None, quiet: bool = False
 ) -> Iterator[Callable]:
-    """Frames and files done so far, against totals when they are known."""
+    """Frames and files done so far, against totals when they are known: a live bar on a
+    terminal; elsewhere (nohup, SLURM, a log file) one plain line every PLAIN_EVERY_S and a
+    last one at the end, never a bar cut at the log's width."""
+    if quiet:
+        yield lambda progress, elapsed: None
+    elif err.is_terminal:
+        with _live_bar(label, total, n_files) as update:
+            yield update
+    else:
+        with _plain_lines(label, total, n_files) as update:
+            yield update
+
+
+@dataclass
+class _Rate:
+    """Frames per second since following began: a requeued job's earlier frames do not count."""
+
+    baseline: int | None = None
+
+    def of(self, frames_done: int, elapsed: float) -> float:
+        self.baseline = frames_done if self.baseline is None else self.baseline
+        return (frames_done - self.baseline) / elapsed if elapsed > 0 else 0.0
+
+
+@contextmanager
+def _live_bar(label: str, total: int | None, n_files: int | None) -> Iterator[Callable]:
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -41,25 +85,54 @@ def frames_progress(
             + " frames  {task.fields[rate]:.1f} frames/s  {task.fields[failed]} failed"
         ),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
     )
     of = f"/{n_files}" if n_files is not None else ""
-    with Progress(*columns, console=err, disable=quiet, transient=False) as bar:
+    rate = _Rate()
+    with Progress(*columns, console=err, transient=False) as bar:
         task = bar.add_task(label, total=total, files=f"0{of}", rate=0.0, failed=0)
-        baseline = None  # frames already done when following began (a requeued job)
 
         def update(progress, elapsed: float) -> None:
-            nonlocal baseline
-            baseline = progress.frames_done if baseline is None else baseline
-            new_frames = progress.frames_done - baseline
             bar.update(
                 task,
                 completed=progress.frames_done,
                 failed=progress.files_failed,
                 files=f"{progress.files_done}{of}",
-                rate=new_frames / elapsed if elapsed > 0 else 0.0,
+                rate=rate.of(progress.frames_done, elapsed),
             )
 
         yield update
+
+
+@contextmanager
+def _plain_lines(label: str, total: int | None, n_files: int | None) -> Iterator[Callable]:
+    rate, every = _Rate(), plain_every_s()
+    last: dict = {"at": None, "line": ""}
+
+    def line(progress, elapsed: float) -> str:
+        per_s = rate.of(progress.frames_done, elapsed)
+        files = f"{progress.files_done}/{n_files}" if n_files is not None else progress.files_done
+        frames = f"{progress.frames_done}/{total}" if total else f"{progress.frames_done}"
+        left = ""
+        if total and per_s > 0 and progress.frames_done < total:
+            left = f", about {(total - progress.frames_done) / per_s:.0f} s left"
+        failed = f", {progress.files_failed} failed" if progress.files_failed else ""
+        return (
+            f"{label}: {files} files, {frames} frames, {per_s:.1f} frames/s{failed}, "
+            f"{elapsed:.0f} s{left}"
+        )
+
+    def update(progress, elapsed: float) -> None:
+        last["line"] = line(progress, elapsed)
+        now = time.monotonic()
+        if last["at"] is None or now - last["at"] >= every:
+            last["at"] = now
+            say("progress", last["line"])
+            last["line"] = ""
+
+    yield update
+    if last["line"]:
+        say("progress", last["line"])
 
 
 def report(summary: JobSummary, as_json: bool) -> None:
