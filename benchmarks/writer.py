@@ -15,7 +15,8 @@ siblings, a busy host), and no writer can beat that ratio, so the exit code fail
 when it misses the target *and* falls below CEILING_SHARE of the ceiling measured in the
 same rounds: a loss of ringflow's, not of the host's. The report prints both. Quiet hosts
 give 95-97% and a loaded one 90%; a writer that compressed on one thread would give about 50%,
-so 80% keeps the gate on a real loss without failing on a host's noise.
+so 80% keeps the gate on a real loss without failing on a host's noise. A miss is measured
+again (``--attempts``, 3 with ``--short``): a busy neighbour passes, a real loss fails each time.
 
 Throughput is input MB/s, file open to close, median over rounds. Each round runs every
 variant back to back (``--repeat`` rounds); a variant's ratio is the median over rounds of
@@ -364,14 +365,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="exit 0 even if targets fail")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--dir", default=None, help="folder for the files (default: $TMPDIR)")
+    parser.add_argument(
+        "--attempts", type=int, default=1, help="measure again, up to N times, if a target fails"
+    )
     args = parser.parse_args(argv)
     if args.short:
         args.frames, args.repeat = 24, max(args.repeat, 7)
-    report = run(args)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_report(report)
+        args.attempts = max(args.attempts, 3)
+    for attempt in range(1, args.attempts + 1):
+        report = run(args)
+        if args.json:
+            print(json.dumps(report | {"attempt": attempt}))
+        else:
+            print_report(report)
+        if report["problems"] or report["passed"]:
+            break
+        if attempt < args.attempts:
+            print(f"attempt {attempt} of {args.attempts} missed a target: measuring again")
     failed = report["problems"] or not report["passed"]
     return 0 if args.no_check or not failed else 1
 
