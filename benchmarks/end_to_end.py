@@ -484,7 +484,7 @@ def _compare_scan(
         if order_a != order_b:
             result.problems.append(f"{entry}: frames or their order differ")
             return
-        pairs = [("intensity", "intensity"), ("errors", "errors"), (settings.unit, "radial")]
+        pairs = [("I", "intensity"), ("I_errors", "errors"), ("radial_axis", "radial")]
         for name_a, name_b in pairs:
             if name_a not in data:
                 result.problems.append(f"{entry}: ringflow wrote no {name_a}")

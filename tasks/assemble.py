@@ -23,7 +23,7 @@ import warnings
 import h5py
 import numpy as np
 
-from . import confine, registry
+from . import confine, nexus, registry
 from .app import app
 from .config import Config
 from .errors import OutsideJobError, RingflowError
@@ -31,6 +31,7 @@ from .partials import PartialHeader, iter_rows, read_block, read_header
 from .payloads import ScanTask
 from .readers import batch_size, iter_batches, open_frames
 from .writers import (
+    Applied,
     Average,
     CorrectedFrames,
     OutputStorage,
@@ -118,7 +119,7 @@ def written_earlier(scan: ScanTask) -> int | None:
         return None
     try:
         with h5py.File(scan.output, "r") as h5:
-            frames = h5[f"{output_entry(scan)}/integrated/intensity"].shape[0]
+            frames = h5[f"{output_entry(scan)}/{nexus.DATA}/{nexus.SIGNAL}"].shape[0]
     except (OSError, KeyError):
         return None
     return frames if frames == scan.n_frames else None
@@ -173,7 +174,24 @@ def build_result(scan: ScanTask, config: Config) -> ScanResult:
         metadata=_metadata(scan, config.output.try_metadata),
         average=_average(headers, config.integration.average_xy, n_frames),
         corrected=_corrected(headers, config, n_frames) if config.output.save_corrected else None,
+        applied=Applied(
+            solid_angle=config.integration.correct_solid_angle,
+            polarization=config.integration.polarization_factor is not None,
+            monitor=bool(monitor),
+        ),
+        pyfai_config=provenance.get("pyfai_config", {}),
+        instrument=beamline_of(scan.master),
     )
+
+
+def beamline_of(path: str) -> str:
+    """The beamline a Bliss path names: ``{root}/{proposal}/{beamline}/{session}/RAW_DATA/``
+    (the folder two above RAW_DATA); "" when the path has no RAW_DATA."""
+    parts = os.path.abspath(path).split(os.sep)
+    if "RAW_DATA" not in parts:
+        return ""
+    index = len(parts) - 1 - parts[::-1].index("RAW_DATA")
+    return parts[index - 2] if index >= 3 else ""
 
 
 def _method(headers: list[PartialHeader]) -> str:

@@ -238,6 +238,7 @@ class Engine:
         self.provenance = provenance_of(self.config.poni_file) | {
             "method": self.description(),
             "radial_range": list(self.radial_range),
+            "pyfai_config": self.pyfai_config(),
         }
         if self.why_not_batched:
             log.info("frames integrated one by one by pyFAI: %s", self.why_not_batched)
@@ -343,6 +344,37 @@ class Engine:
         if target:
             text += f" on {target}"
         return text + (" per frame" if self.why_not_batched else " batched")
+
+    def pyfai_config(self) -> dict:
+        """This integration as pyFAI's own configuration (what ``pyFAI-integrate --json`` and
+        ``pyFAI.worker.Worker.set_config`` load), for the output: another tool can redo it.
+
+        Trimming (``medfilt1d``, ``sigma_clip_ng``) has no such form: the configuration
+        holds the integration it trims, its trimming parameters are in the INI text.
+        """
+        from pyFAI.io.integration_config import WorkerConfig
+
+        c = self.config
+        polarization = None if c.polarization_factor is None else (c.polarization_factor, 0.0)
+        azimuth = None if c.azimuthal_range[:2] == FULL_CIRCLE else list(c.azimuthal_range[:2])
+        config = WorkerConfig(
+            poni=self.ai.get_config(),
+            nbpt_rad=c.n_pts,
+            nbpt_azim=c.n_slices if self.is_2d else 1,
+            unit=c.unit,
+            polarization_description=polarization,
+            correct_solid_angle=c.correct_solid_angle,
+            dark_current=[c.dark_file] if c.dark_file else None,
+            flat_field=[c.flatfield_file] if c.flatfield_file else None,
+            mask_file=c.mask_file or None,
+            error_model=c.error_model or None,
+            method=_method_tuple(self.kwargs["method"]),
+            azimuth_range=azimuth,
+            radial_range=list(self.radial_range),
+            monitor_name=c.monitor_name or None,
+            shape=list(self.shape),
+        )
+        return config.as_dict()
 
     def batch_size(self, itemsize: int, buffers: int = RING) -> int:
         """Frames per batch so that an engine's batches fit ``engine_memory_mb``: the reader's

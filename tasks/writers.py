@@ -6,17 +6,19 @@ a final name never holds a half-written file.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import h5py
 import numpy as np
 
+from . import nexus
 from .chunk_writer import ChunkWriter, Storage, task_cores
 from .codecs import Filters
 from .config import Config
@@ -196,6 +198,16 @@ class Average:
     errors: np.ndarray | None  # same shape; None without an error model
 
 
+@dataclass(frozen=True)
+class Applied:
+    """The corrections the integration applied, as NXazint states them."""
+
+    solid_angle: bool = True
+    polarization: bool = False
+    monitor: bool = False
+    normalization: bool = True  # pyFAI's rows are per-pixel averages: always
+
+
 @dataclass
 class ScanResult:
     """Everything the NeXus file of one scan holds, rows in acquisition order."""
@@ -218,6 +230,9 @@ class ScanResult:
     metadata: dict  # {"positioners": {...}, "measurement": {...}, "title": ..., ...}
     average: Average | None = None
     corrected: CorrectedFrames | None = None
+    applied: Applied = field(default_factory=Applied)
+    pyfai_config: dict = field(default_factory=dict)  # pyFAI's integration configuration
+    instrument: str = ""  # the beamline, when the data's path names it
 
 
 @dataclass(frozen=True)
@@ -272,10 +287,16 @@ def _write_content(
         file_time=_now(),
         ringflow_fingerprint=result.fingerprint,
     )
-    entry = _group(h5, result.entry, "NXentry", default="integrated")
-    for key in ("title", "start_time", "end_time"):
+    entry = _group(h5, result.entry, "NXentry", default=nexus.DATA)
+    definition = nexus.definition(result.unit, result.azimuthal is not None)
+    if definition:
+        entry["definition"] = definition
+    entry["title"] = _title(result)
+    for key in ("start_time", "end_time"):
         if key in result.metadata:
             entry[key] = result.metadata[key]
+    _write_applied(entry, result.applied)
+    _write_instrument(entry, result)
     _write_process(entry, result)
     _write_data(entry, result, pool, storage.integrated)
     _write_metadata(entry, result.metadata, pool, storage.integrated)
@@ -285,55 +306,94 @@ def _write_content(
         _write_corrected(entry, result.corrected, pool, storage)
 
 
+def _title(result: ScanResult) -> str:
+    """The Bliss scan's title (its command), else the entry's name."""
+    return str(result.metadata.get("title") or f"azimuthal integration, {result.entry}")
+
+
+def _write_applied(entry: h5py.Group, applied: Applied) -> None:
+    entry["solid_angle_applied"] = applied.solid_angle
+    entry["polarization_applied"] = applied.polarization
+    entry["normalization_applied"] = applied.normalization
+    entry["monitor_applied"] = applied.monitor
+
+
+def _write_instrument(entry: h5py.Group, result: ScanResult) -> None:
+    """Beamline, wavelength (angstrom) and energy (keV); the source as far as it is known."""
+    instrument = _group(entry, "instrument", "NXinstrument")
+    instrument["name"] = result.instrument or "unknown"
+    wavelength_m = result.geometry.get("wavelength")
+    if wavelength_m:
+        mono = _group(instrument, "monochromator", "NXmonochromator")
+        _field(mono, "wavelength", wavelength_m * 1e10, "angstrom")
+        _field(mono, "energy", HC_KEV_ANGSTROM / (wavelength_m * 1e10), "keV")
+    source = _group(instrument, "source", "NXsource")
+    source["name"] = "unknown"
+    source["type"] = "Synchrotron X-ray Source"
+    source["probe"] = "x-ray"
+
+
+HC_KEV_ANGSTROM = 12.398419843320026  # h c in keV angstrom (CODATA 2018)
+GEOMETRY_UNITS = {"dist": "m", "poni1": "m", "poni2": "m", "wavelength": "m"} | {
+    f"rot{k}": "rad" for k in (1, 2, 3)
+}
+
+
 def _write_process(entry: h5py.Group, result: ScanResult) -> None:
-    process = _group(entry, "ai", "NXprocess")
+    process = _group(entry, nexus.PROCESS, "NXprocess")
     process["program"] = "ringflow"
     process["version"] = result.versions.get("ringflow", "")
     process["date"] = _now()
-    process["method"] = result.method
-    radial_range = process.create_dataset(
-        "radial_range", data=np.asarray(result.radial_range, dtype=np.float64)
-    )
-    radial_range.attrs.update(units=_unit_of(result.unit), long_name=f"{result.unit} range")
+    process["reference"] = nexus.REFERENCE
+    process["note"] = result.method
     versions = _group(process, "versions", "NXcollection")
     for name, version in result.versions.items():
         versions[name] = version
-    config = _group(process, "configuration", "NXnote")
-    config["type"] = "text/plain"
-    config["description"] = "ringflow configuration (INI)"
-    config["data"] = result.configuration
-    geometry = _group(process, "geometry", "NXnote")
-    geometry["type"] = "text/plain"
-    geometry["description"] = "pyFAI PONI geometry"
-    geometry["data"] = "\n".join(f"{k}: {v}" for k, v in result.geometry.items())
+    parameters = _group(process, "input", "NXparameters")
+    radial_range = np.asarray(result.radial_range, np.float64)
+    _field(parameters, "radial_range", radial_range, nexus.units_of(result.unit))
+    parameters["configuration"] = result.configuration
+    parameters["configuration"].attrs["description"] = "ringflow configuration (INI)"
+    parameters["pyfai_config"] = json.dumps(result.pyfai_config)
+    parameters["pyfai_config"].attrs["description"] = (
+        "pyFAI's integration configuration (JSON: pyFAI-integrate --json, pyFAI.worker.Worker)"
+    )
     for key, value in result.geometry.items():
-        geometry[key] = value
+        _field(parameters, key, value, GEOMETRY_UNITS.get(key))
 
 
 def _write_data(entry: h5py.Group, result: ScanResult, pool: ChunkWriter, storage: Storage):
-    data = _group(entry, "integrated", "NXdata", signal="intensity")
-    radial_name = result.unit
-    axes = [".", radial_name] if result.azimuthal is None else [".", "chi_deg", radial_name]
-    data.attrs["axes"] = axes
-    data.attrs[f"{radial_name}_indices"] = len(axes) - 1
-    intensity = _write_stream(data, "intensity", result.intensity, pool, storage)
-    intensity.attrs["interpretation"] = "spectrum" if result.azimuthal is None else "image"
+    data = _group(entry, nexus.DATA, "NXdata", signal=nexus.SIGNAL)
+    data["title"] = _title(result)  # NXdata's own: plots (silx) take their title from it
+    two_d = result.azimuthal is not None
+    axes = [".", nexus.AZIMUTHAL, nexus.RADIAL] if two_d else [".", nexus.RADIAL]
+    data.attrs.update(axes=axes, interpretation="image" if two_d else "spectrum")
+    data.attrs[f"{nexus.FRAME}_indices"] = 0
+    intensity = _write_stream(data, nexus.SIGNAL, result.intensity, pool, storage)
+    intensity.attrs.update(long_name="intensity", units="arbitrary units")
     if result.sigma is not None:
-        _write_stream(data, "errors", result.sigma, pool, storage)
-    radial = pool.save(data, radial_name, result.radial, storage)
-    radial.attrs.update(units=_unit_of(result.unit), long_name=result.unit)
-    if result.azimuthal is not None:
-        chi = pool.save(data, "chi_deg", result.azimuthal, storage)
-        chi.attrs.update(units="deg", long_name="azimuthal angle chi")
-        data.attrs["chi_deg_indices"] = 1
+        errors = _write_stream(data, nexus.ERRORS, result.sigma, pool, storage)
+        errors.attrs.update(long_name="estimated intensity error", units="arbitrary units")
+    _write_axes(data, result, pool, storage)
     names = [name.encode() for name in result.source_file]
     text = h5py.string_dtype("utf-8", max(1, max(map(len, names), default=1)))
     pool.save(data, "source_file", np.array(names, dtype=text), storage, dtype=text)
     pool.save(data, "source_frame", result.source_frame, storage)
-    pool.save(data, "frame_index", np.arange(len(result.source_frame)), storage)
+    frames = pool.save(data, nexus.FRAME, np.arange(len(result.source_frame)), storage)
+    frames.attrs["long_name"] = "frame"
     if result.normalization is not None:
-        norm = pool.save(data, "normalization", result.normalization, storage)
-        norm.attrs["long_name"] = "monitor value each frame was divided by"
+        monitor = _group(entry, nexus.MONITOR, "NXmonitor")
+        pool.save(monitor, "data", result.normalization, storage)  # what each frame was divided by
+
+
+def _write_axes(data: h5py.Group, result: ScanResult, pool: ChunkWriter, storage: Storage):
+    radial = pool.save(data, nexus.RADIAL, result.radial, storage)
+    radial.attrs.update(
+        units=nexus.units_of(result.unit), long_name=nexus.radial_long_name(result.unit)
+    )
+    if result.azimuthal is not None:
+        chi = pool.save(data, nexus.AZIMUTHAL, result.azimuthal, storage)
+        chi.attrs.update(units="deg", long_name="azimuthal bin center")
 
 
 def _write_stream(
@@ -347,18 +407,15 @@ def _write_stream(
 def _write_corrected(
     entry: h5py.Group, frames: CorrectedFrames, pool: ChunkWriter, storage: OutputStorage
 ) -> None:
-    group = _group(entry, "corrected", "NXdata", signal="data")
+    group = _group(entry, nexus.CORRECTED, "NXdata", signal="data")
     group.attrs["axes"] = [".", ".", "."]
     data = pool.create(group, "data", frames.shape, np.float32, storage.corrected)
-    data.attrs.update(
-        interpretation="image",
-        long_name="(raw - dark) / (flat * solid angle * polarization * absorption * monitor)",
+    data.attrs["long_name"] = (
+        "(raw - dark) / (flat * solid angle * polarization * absorption * monitor)"
     )
     mask = pool.create(group, "mask", frames.shape, np.uint8, storage.mask)
-    mask.attrs.update(
-        flag_values=np.array([0, 1, 2], np.uint8),
-        flag_meanings="valid masked invalid_in_frame",
-        long_name="0: used, 1: masked (mask file or detector), 2: invalid value in this frame",
+    mask.attrs["long_name"] = (
+        "0: used, 1: masked (mask file or detector), 2: invalid value in this frame"
     )
     pool.write_many(
         [(data, storage.corrected.filters), (mask, storage.mask.filters)], frames.slabs()
@@ -379,18 +436,15 @@ def _write_average(
     entry: h5py.Group, result: ScanResult, pool: ChunkWriter, storage: Storage
 ) -> None:
     average = result.average
-    data = _group(entry, f"integrated_{average.kind}", "NXdata", signal="intensity")
-    intensity = pool.save(data, "intensity", average.intensity, storage)
-    intensity.attrs["long_name"] = f"{average.kind} over the scan's frames"
+    data = _group(entry, nexus.average(average.kind), "NXdata", signal=nexus.SIGNAL)
+    two_d = result.azimuthal is not None
+    data.attrs["axes"] = [nexus.AZIMUTHAL, nexus.RADIAL] if two_d else [nexus.RADIAL]
+    intensity = pool.save(data, nexus.SIGNAL, average.intensity, storage)
+    intensity.attrs.update(long_name=f"{average.kind} intensity", units="arbitrary units")
     if average.errors is not None:
-        errors = pool.save(data, "errors", average.errors, storage)
+        errors = pool.save(data, nexus.ERRORS, average.errors, storage)
         errors.attrs["long_name"] = f"{average.kind} of the errors over the scan's frames"
-    radial = pool.save(data, result.unit, result.radial, storage)
-    radial.attrs.update(units=_unit_of(result.unit), long_name=result.unit)
-    data.attrs["axes"] = [result.unit] if result.azimuthal is None else ["chi_deg", result.unit]
-    if result.azimuthal is not None:
-        chi = pool.save(data, "chi_deg", result.azimuthal, storage)
-        chi.attrs.update(units="deg", long_name="azimuthal angle chi")
+    _write_axes(data, result, pool, storage)
 
 
 def average_text_paths(output: str, slices: int) -> list[str]:
@@ -421,22 +475,17 @@ def write_average_text(output: str, result: ScanResult, file_mode: int) -> list[
 
 
 def _group(parent: h5py.Group, name: str, nx_class: str, **attrs) -> h5py.Group:
-    group = parent.create_group(name)
+    group = parent.create_group(name)  # a path: its parents exist already
     group.attrs["NX_class"] = nx_class
     group.attrs.update(attrs)
     return group
 
 
-def _unit_of(unit: str) -> str:
-    return {
-        "2th_deg": "deg",
-        "2th_rad": "rad",
-        "q_nm^-1": "1/nm",
-        "q_A^-1": "1/angstrom",
-        "r_mm": "mm",
-        "r_m": "m",
-        "chi_deg": "deg",
-    }.get(unit, unit.split("_", 1)[-1])
+def _field(group: h5py.Group, name: str, value, units: str | None = None) -> h5py.Dataset:
+    dset = group.create_dataset(name, data=value)
+    if units:
+        dset.attrs["units"] = units
+    return dset
 
 
 def _now() -> str:

@@ -106,7 +106,7 @@ def kill_tree(root_pid: int) -> list[int]:
 
 def assert_same_scan(output: str, reference: str) -> None:
     with h5py.File(output) as a, h5py.File(reference) as b:
-        for name in ("intensity", "errors", "source_frame", "frame_index"):
+        for name in ("I", "I_errors", "source_frame", "frame_index"):
             left, right = a[f"1.1/integrated/{name}"][()], b[f"1.1/integrated/{name}"][()]
             assert left.shape == right.shape and left.tobytes() == right.tobytes(), name
 

@@ -123,8 +123,8 @@ def test_output_is_compressed_checksummed_and_equal_to_partials(tmp_path, cake):
     with h5py.File(out) as h5:
         data = h5["entry_0000/integrated"]
         for name, expected in (
-            ("intensity", np.concatenate([p.intensity for p in parts])),
-            ("errors", np.concatenate([p.sigma for p in parts])),
+            ("I", np.concatenate([p.intensity for p in parts])),
+            ("I_errors", np.concatenate([p.sigma for p in parts])),
         ):
             dset = data[name]
             assert dset.compression == "gzip" and dset.compression_opts == 1
@@ -141,7 +141,7 @@ def test_codec_choice_reaches_the_output(tmp_path):
     parts = make_partials(tmp_path, [6, 6], cake=True, seed=2)
     out = run_assembly(tmp_path, parts, {"codec": "zstd", "level": "5", "checksum": "1"})
     with h5py.File(out) as h5:
-        dset = h5["entry_0000/integrated/intensity"]
+        dset = h5["entry_0000/integrated/I"]
         plist = dset.id.get_create_plist()
         filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
         assert filters == [2, 32015, 3]  # shuffle, zstd, fletcher32
@@ -155,7 +155,7 @@ def test_h5ls_shows_the_filters(tmp_path):
         unavailable("h5ls is not installed (apt install hdf5-tools); h5py checks above cover it")
     out = run_assembly(tmp_path, make_partials(tmp_path, [5, 5]), {})
     listing = subprocess.run(
-        ["h5ls", "-v", f"{out}/entry_0000/integrated/intensity"],
+        ["h5ls", "-v", f"{out}/entry_0000/integrated/I"],
         capture_output=True,
         text=True,
         check=True,
@@ -167,7 +167,7 @@ def test_uncompressed_when_asked(tmp_path):
     parts = make_partials(tmp_path, [3, 3])
     out = run_assembly(tmp_path, parts, {"codec": "none", "checksum": "0"})
     with h5py.File(out) as h5:
-        dset = h5["entry_0000/integrated/intensity"]
+        dset = h5["entry_0000/integrated/I"]
         assert dset.compression is None and not dset.fletcher32
         assert dset[()].tobytes() == np.concatenate([p.intensity for p in parts]).tobytes()
 

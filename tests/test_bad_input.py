@@ -187,5 +187,5 @@ def test_a_mask_in_its_older_section_is_moved_not_dropped(small_demo, tmp_path):
     assert "deprecated: [dataset] mask_file belongs in [azimuthal integration]" in result.stderr
     (output, *_) = sorted(last_json(result.stdout)["outputs"])
     with h5py.File(output) as h5:
-        text = h5["1.1/ai/configuration/data"][()].decode()
+        text = h5["1.1/reduction/input/configuration"][()].decode()
     assert f"mask_file = {mask}" in text

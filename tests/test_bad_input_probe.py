@@ -221,7 +221,7 @@ def test_temporaries_left_by_a_killed_run_are_removed_by_the_next(small_demo, tm
         assert f"warning: {path}: removed, a temporary file left by a killed run" in again.stderr
     assert os.path.exists(other)
     with h5py.File(output) as h5:
-        assert h5["1.1/integrated/intensity"].shape[0] == 8
+        assert h5["1.1/integrated/I"].shape[0] == 8
 
 
 # --- the workspace's disk full -----------------------------------------------------------

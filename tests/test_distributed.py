@@ -71,7 +71,7 @@ def reference(small_demo, tmp_path_factory) -> dict[str, dict]:
 def read_integrated(path: str) -> dict:
     with h5py.File(path) as h5:
         data = h5["1.1/integrated"] if "1.1" in h5 else h5["2.1/integrated"]
-        return {name: data[name][()] for name in ("intensity", "errors", "frame_index")}
+        return {name: data[name][()] for name in ("I", "I_errors", "frame_index")}
 
 
 def assert_same_as_reference(outputs: list[str], reference: dict) -> None:
@@ -391,6 +391,49 @@ def test_flower_requires_auth_and_shows_workers_and_tasks(small_demo, tmp_path):
             process.wait(60)
     logs = (tmp_path / "flower.out").read_text() + (tmp_path / "flower.err").read_text()
     assert "flower-pw-123" not in logs
+
+
+def test_flower_attaches_to_the_embedded_broker_of_a_run(tmp_path):
+    """No broker_url: Flower watches a running `ringflow run` through its private socket,
+    and says what to do when no run owns the workspace's broker."""
+    from tasks.config import Config
+    from tasks.demo import DemoSpec, write_demo
+    from tasks.outputs import workspace
+    from worker_launcher.embedded import URL, broker_folder
+
+    demo = write_demo(DemoSpec(str(tmp_path / "demo"), scans=1, frames_per_file=30))
+    secret = tmp_path / "flower.password"
+    secret.write_text("flower-pw-789\n")
+    port = free_port()
+    monitoring = {"flower_port": str(port), "flower_password_file": str(secret)}
+    changes = {"output": {"location": str(tmp_path / "out")}, "monitoring": monitoring}
+    config = edit_config(demo.config, changes, tmp_path / "c.ini")
+    refused = run_cli("flower", config)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "no ringflow process runs its embedded broker" in refused.stderr, refused.stderr
+    url_file = Path(broker_folder(workspace(Config.from_file(config))), URL)
+    run = start_cli(["run", str(config)], {}, tmp_path / "run")
+    flower = None
+    try:
+        wait_until(lambda: url_file.exists() and url_file.read_text().strip(), 60, "the broker")
+        flower = start_cli(["flower", str(config)], {}, tmp_path / "flower")
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_status(f"{base}/healthcheck") == 200, 60, "Flower to answer")
+        assert http_status(f"{base}/api/workers") == 401
+        auth = {"Authorization": "Basic " + b64encode(b"ringflow:flower-pw-789").decode()}
+        workers = wait_until(
+            lambda: list(http_json(f"{base}/api/workers?refresh=1", auth)), 60, "the workers"
+        )
+        assert any("-gpu" in name for name in workers), workers
+        assert run.wait(300) == 0, (tmp_path / "run.err").read_text()[-2000:]
+    finally:
+        for process in (run, flower):
+            if process is not None and process.poll() is None:
+                process.send_signal(2)
+                process.wait(60)
+    said = (tmp_path / "flower.err").read_text()
+    assert "attached to the embedded broker of process" in said, said
+    assert "flower-pw-789" not in said + (tmp_path / "flower.out").read_text()
 
 
 def test_flower_task_api_only_when_asked(small_demo, tmp_path):

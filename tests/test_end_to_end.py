@@ -6,6 +6,10 @@ frame, called here with the parameters written out explicitly.
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import fabio
 import h5py
 import numpy as np
@@ -20,6 +24,7 @@ from tasks.discovery import LIMA_DATASET
 from worker_launcher.redis_server import start_embedded_redis
 
 from .conftest import edit_config, last_json, run_cli
+from .nexus_checks import assert_valid_nexus
 from .services import redis_url, unique_prefix
 
 pytestmark = pytest.mark.service
@@ -54,10 +59,10 @@ def read_output(path: str, entry: str):
 
 
 def assert_rows_equal(output: dict, references: list):
-    assert output["intensity"].shape[0] == len(references)
+    assert output["I"].shape[0] == len(references)
     for row, ref in enumerate(references):
-        np.testing.assert_allclose(output["intensity"][row], ref.intensity, rtol=1e-5, atol=1e-9)
-        np.testing.assert_allclose(output["errors"][row], ref.sigma, rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(output["I"][row], ref.intensity, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(output["I_errors"][row], ref.sigma, rtol=1e-4, atol=1e-9)
 
 
 def assert_corrected_equal_preproc(output, entry, frames, ai, mask, monitor=None, **corrections):
@@ -66,7 +71,8 @@ def assert_corrected_equal_preproc(output, entry, frames, ai, mask, monitor=None
 
     shape = frames[0].shape
     with h5py.File(output) as h5:
-        data, flags = h5[f"{entry}/corrected/data"], h5[f"{entry}/corrected/mask"]
+        corrected = h5[f"{entry}/reduction/corrected"]
+        data, flags = corrected["data"], corrected["mask"]
         assert data.shape == (len(frames), *shape) and data.dtype == np.float32
         assert flags.shape == data.shape and flags.dtype == np.uint8
         assert data.fletcher32 and flags.fletcher32 and data.chunks == (1, *shape)
@@ -87,7 +93,7 @@ def assert_corrected_equal_preproc(output, entry, frames, ai, mask, monitor=None
             expected_flags = np.where(mask != 0, 1, np.where(np.isfinite(expected), 0, 2))
             np.testing.assert_array_equal(flags[i], expected_flags)
         return {
-            name: [fid for fid, _ in pipeline(h5[f"{entry}/corrected/{name}"])]
+            name: [fid for fid, _ in pipeline(h5[f"{entry}/reduction/corrected/{name}"])]
             for name in ("data", "mask")
         }
 
@@ -116,6 +122,21 @@ def integrator_range(poni: str, unit: str) -> tuple[float, float]:
         assert unit == "q_A^-1"
         values = ai.qArray() / 10
     return float(values.min()), float(values.max())
+
+
+def assert_pyfai_config_is_the_run(stored: dict, ai) -> None:
+    """The stored pyFAI configuration loads in pyFAI's own worker as the integration run."""
+    from pyFAI.worker import Worker
+
+    worker = Worker()
+    worker.set_config(stored)
+    assert (worker.unit.name, worker.nbpt_rad, worker.nbpt_azim) == ("2th_deg", 1000, 1)
+    method = worker.method
+    assert (method.split, method.algo, method.impl) == ("bbox", "csr", "cython")
+    assert worker.polarization_factor == 0.99 and worker.correct_solid_angle
+    assert worker.error_model.as_str() == "poisson"
+    assert worker.ai.dist == pytest.approx(ai.dist) and worker.ai.rot1 == pytest.approx(ai.rot1)
+    assert stored["monitor_name"] == "mon" and stored["mask_file"]
 
 
 def test_2th_bbox_with_monitor_equals_pyfai(small_demo, tmp_path):
@@ -149,24 +170,40 @@ def test_2th_bbox_with_monitor_equals_pyfai(small_demo, tmp_path):
         ]
         data, attrs = read_output(output, entry)
         assert_rows_equal(data, refs)
-        np.testing.assert_allclose(data["2th_deg"], refs[0].radial, rtol=1e-6)
+        np.testing.assert_allclose(data["radial_axis"], refs[0].radial, rtol=1e-6)
         # frame order and provenance: 4 frames of file 0, then 4 of file 1
         assert [s.decode() for s in data["source_file"]] == [sources[0]] * 4 + [sources[1]] * 4
         assert list(data["source_frame"]) == [0, 1, 2, 3, 0, 1, 2, 3]
-        assert attrs["signal"] == "intensity"
-        np.testing.assert_array_equal(data["normalization"], monitor)
+        assert attrs["signal"] == "I"
+        with h5py.File(output) as h5:
+            np.testing.assert_array_equal(h5[f"{entry}/monitor/data"][()], monitor)
         compression = assert_corrected_equal_preproc(
             output, entry, frames, ai, mask, monitor, polarization=ai.polarization(None, 0.99)
         )
         assert compression == {"data": [2, 1, 3], "mask": [1, 3]}  # shuffle, deflate, fletcher32
         with h5py.File(output) as h5:
-            for name in ("intensity", "errors"):  # default: deflate 1 + shuffle + fletcher32
+            for name in ("I", "I_errors"):  # default: deflate 1 + shuffle + fletcher32
                 dset = h5[f"{entry}/integrated/{name}"]
                 assert (dset.compression, dset.compression_opts) == ("gzip", 1)
                 assert dset.shuffle and dset.fletcher32
             assert h5[f"{entry}/measurement/mon"].shape == (8,)
             assert "LaB6" in h5["/"].attrs["default"] or h5["/"].attrs["default"] == entry
-            assert "[azimuthal integration]" in h5[f"{entry}/ai/configuration/data"][()].decode()
+            parameters = h5[f"{entry}/reduction/input"]
+            assert "[azimuthal integration]" in parameters["configuration"][()].decode()
+            assert_pyfai_config_is_the_run(json.loads(parameters["pyfai_config"][()]), ai)
+            assert h5[f"{entry}/monitor_applied"][()] and h5[f"{entry}/polarization_applied"][()]
+        assert_valid_nexus(output, "NXazint1d")
+    assert_quiet_worker_logs(tmp_path / "out" / ".ringflow", frames_per_file=4)
+
+
+def assert_quiet_worker_logs(workspace: Path, frames_per_file: int) -> None:
+    """No banner, no pyFAI INFO noise; a line per file task naming frames, time, worker."""
+    logs = sorted(workspace.rglob("worker-gpu*.log"))
+    text = "".join(path.read_text() for path in logs)
+    assert logs and "[tasks]" not in text and "-------------- [queues]" not in text
+    assert "No sensor configuration" not in text and "as JSON file" not in text
+    lines = re.findall(rf"\.h5: {frames_per_file} frames in [0-9.]+ s on \S+@\S+", text)
+    assert len(lines) == 4, text[-3000:]
 
 
 def test_lab6_peaks_at_calibrant_positions(small_demo, tmp_path):
@@ -177,11 +214,11 @@ def test_lab6_peaks_at_calibrant_positions(small_demo, tmp_path):
     )
     summary = run_ok(config)
     data, _ = read_output(sorted(summary["outputs"])[0], "1.1")
-    mean = np.nanmean(data["intensity"], axis=0)
+    mean = np.nanmean(data["I"], axis=0)
     calibrant = get_calibrant("LaB6")
     calibrant.wavelength = pyFAI.load(small_demo.poni).wavelength
     expected = np.degrees(calibrant.get_2th())
-    found = peak_positions(data["2th_deg"], mean, 5)
+    found = peak_positions(data["radial_axis"], mean, 5)
     assert len(found) == 5
     for position in found:
         assert np.min(np.abs(expected - position)) < 0.02, (position, expected[:8])
@@ -247,7 +284,9 @@ def test_q_with_mask_dark_flat_polarization_attenuation(small_demo, tmp_path):
     ]
     data, attrs = read_output(output, "2.1")
     assert_rows_equal(data, refs)
-    assert "q_nm^-1" in data and list(attrs["axes"]) == [".", "q_nm^-1"]
+    assert list(attrs["axes"]) == [".", "radial_axis"]
+    with h5py.File(output) as h5:
+        assert h5["2.1/integrated/radial_axis"].attrs["units"] == "1/nm"
     compression = assert_corrected_equal_preproc(
         output,
         "2.1",
@@ -298,10 +337,11 @@ def test_2d_caking_equals_integrate2d_ng(small_demo, tmp_path):
         for frame in frames
     ]
     data, attrs = read_output(output, "1.1")
-    assert data["intensity"].shape == (8, 36, 300)
+    assert data["I"].shape == (8, 36, 300)
     assert_rows_equal(data, refs)
-    np.testing.assert_allclose(data["chi_deg"], refs[0].azimuthal, rtol=1e-6)
-    assert list(attrs["axes"]) == [".", "chi_deg", "q_A^-1"]
+    np.testing.assert_allclose(data["azimuthal_axis"], refs[0].azimuthal, rtol=1e-6)
+    assert list(attrs["axes"]) == [".", "azimuthal_axis", "radial_axis"]
+    assert_valid_nexus(output, "NXazint2d")
 
 
 def test_external_broker_by_url_with_password(small_demo, tmp_path):

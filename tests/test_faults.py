@@ -53,7 +53,7 @@ def config_for(small_demo, tmp_path, master, name="c.ini", **queue) -> str:
 def integrated(path: str) -> dict[str, np.ndarray]:
     with h5py.File(path) as h5:
         data = h5["1.1/integrated"]
-        return {name: data[name][()] for name in ("intensity", "errors", "source_frame")}
+        return {name: data[name][()] for name in ("I", "I_errors", "source_frame")}
 
 
 def assert_same_output(a: str, b: str) -> None:
@@ -274,7 +274,7 @@ def test_full_then_read_only_output_folder_then_rerun(small_demo, tmp_path):
         for path in outputs:
             with h5py.File(path) as h5:
                 entry = h5[next(iter(h5))]
-                assert entry["corrected/data"].shape[0] == entry["integrated/intensity"].shape[0]
+                assert entry["reduction/corrected/data"].shape[0] == entry["integrated/I"].shape[0]
         assert not list(out.rglob("*.tmp"))
     finally:
         subprocess.run(["umount", "-l", str(out)], check=False)

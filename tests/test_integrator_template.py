@@ -61,14 +61,14 @@ def integrator_reference(demo, frames):
 
 
 def assert_frames_equal(output: dict, references: list) -> None:
-    assert output["intensity"].shape == (len(references), 2500)
+    assert output["I"].shape == (len(references), 2500)
     for row, ref in enumerate(references):
         floor = 1e-3 * np.abs(ref.intensity).max()
-        error = np.abs(output["intensity"][row] - ref.intensity)
+        error = np.abs(output["I"][row] - ref.intensity)
         assert (error / np.maximum(np.abs(ref.intensity), floor)).max() <= 1e-5, row
-        error = np.abs(output["errors"][row] - ref.sigma)
+        error = np.abs(output["I_errors"][row] - ref.sigma)
         assert (error / np.maximum(np.abs(ref.sigma), 1e-3 * ref.sigma.max())).max() <= 1e-4
-    np.testing.assert_allclose(output["r_mm"], references[0].radial, rtol=1e-6)
+    np.testing.assert_allclose(output["radial_axis"], references[0].radial, rtol=1e-6)
 
 
 @pytest.mark.parametrize("comments", [False, True], ids=["as generated", "with comments"])
@@ -90,6 +90,6 @@ def test_the_integrators_template_runs_unchanged(small_demo, tmp_path, comments)
         data, _ = read_output(output, entry)
         assert_frames_equal(data, integrator_reference(small_demo, frames))
         with h5py.File(output) as h5:
-            assert h5[f"{entry}/ai/method"][()].decode().endswith("cython batched")
-            lo, hi = h5[f"{entry}/ai/radial_range"][()]
+            assert h5[f"{entry}/reduction/note"][()].decode().endswith("cython batched")
+            lo, hi = h5[f"{entry}/reduction/input/radial_range"][()]
         assert lo < hi

@@ -1,10 +1,11 @@
 """What a scan's output holds besides its rows, and the files and folders around it.
 
-``ai/method`` and ``ai/radial_range`` from the partials' provenance; ``average_xy`` in the
-NeXus file and as .xye text beside it, as ESRF's integrator writes them; ``[output]
-file_mode`` on the files and on the folders ringflow creates. Real partials and real
-assemblies (``assemble_scan.run``, the chord callback's own body); the folder modes once more
-as an unprivileged user, since root ignores permission bits, and once through the real CLI.
+The method (``reduction/note``) and ``reduction/input/radial_range`` from the partials'
+provenance; ``average_xy`` in the NeXus file and as .xye text beside it, as ESRF's integrator
+writes them; ``[output] file_mode`` on the files and on the folders ringflow creates. Real
+partials and real assemblies (``assemble_scan.run``, the chord callback's own body); the
+folder modes once more as an unprivileged user, since root ignores permission bits, and once
+through the real CLI.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def as_printed(values: np.ndarray) -> np.ndarray:
     return np.array([float(f"{v:.5f}") for v in np.ravel(values)]).reshape(np.shape(values))
 
 
-# --- ai/method and ai/radial_range ------------------------------------------------------------
+# --- the method and the radial range ---------------------------------------------------------
 
 
 def test_method_and_radial_range_are_those_the_partials_carried(tmp_path):
@@ -69,13 +70,13 @@ def test_method_and_radial_range_are_those_the_partials_carried(tmp_path):
     ]
     out = run_assembly(tmp_path, parts, {})
     with h5py.File(out) as h5:
-        process = h5["entry_0000/ai"]
+        process = h5["entry_0000/reduction"]
         assert process.attrs["NX_class"] == "NXprocess"
-        assert process["method"][()].decode() == method
-        radial_range = process["radial_range"]
+        assert process["note"][()].decode() == method
+        radial_range = process["input/radial_range"]
         assert radial_range.dtype == np.float64 and radial_range[()].tolist() == [1.5, 42.25]
         assert radial_range.attrs["units"] == "1/nm"  # as the radial axis's own
-        assert h5["entry_0000/integrated/q_nm^-1"].attrs["units"] == "1/nm"
+        assert h5["entry_0000/integrated/radial_axis"].attrs["units"] == "1/nm"
 
 
 def test_files_integrated_by_different_methods_name_each(tmp_path):
@@ -83,7 +84,7 @@ def test_files_integrated_by_different_methods_name_each(tmp_path):
     parts = make_partials(tmp_path, [2, 2, 2])
     parts = [replace(p, provenance=provenance(m)) for p, m in zip(parts, methods, strict=True)]
     with h5py.File(run_assembly(tmp_path, parts, {})) as h5:
-        assert h5["entry_0000/ai/method"][()].decode() == (
+        assert h5["entry_0000/reduction/note"][()].decode() == (
             "no/csr/opencl on NVIDIA H200; no/csr/cython"
         )
 
@@ -119,14 +120,14 @@ def test_average_xy_is_numpys_over_the_stack_and_its_xye_files(tmp_path, kind, c
     parts = make_partials(tmp_path, [4, 3, 5], cake=cake, seed=3)
     out = run_assembly(tmp_path, parts, {}, {"average_xy": kind})
     with h5py.File(out) as h5:
-        stack, average = h5["entry_0000/integrated"], h5[f"entry_0000/integrated_{kind}"]
-        radial = stack["q_nm^-1"][()]
-        for name in ("intensity", "errors"):
+        stack, average = h5["entry_0000/integrated"], h5[f"entry_0000/reduction/integrated_{kind}"]
+        radial = stack["radial_axis"][()]
+        for name in ("I", "I_errors"):
             expected = reduced(stack[name][()], kind)
             np.testing.assert_array_equal(average[name][()], expected)
-        assert average.attrs["signal"] == "intensity"
-        np.testing.assert_array_equal(average["q_nm^-1"][()], radial)
-        intensity, errors = average["intensity"][()], average["errors"][()]
+        assert average.attrs["signal"] == "I"
+        np.testing.assert_array_equal(average["radial_axis"][()], radial)
+        intensity, errors = average["I"][()], average["I_errors"][()]
     slices = 36 if cake else 1
     paths = average_text_paths(out, slices)
     folder = tmp_path / "out"
@@ -150,12 +151,12 @@ def test_average_xy_without_errors_has_two_columns(tmp_path):
     parts = [replace(p, sigma=None) for p in make_partials(tmp_path, [3, 4], seed=5)]
     out = run_assembly(tmp_path, parts, {}, {"average_xy": "median", "error_model": ""})
     with h5py.File(out) as h5:
-        assert "errors" not in h5["entry_0000/integrated"]
-        average = h5["entry_0000/integrated_median"]
-        assert "errors" not in average
-        expected = reduced(h5["entry_0000/integrated/intensity"][()], "median")
-        np.testing.assert_array_equal(average["intensity"][()], expected)
-        radial = average["q_nm^-1"][()]
+        assert "I_errors" not in h5["entry_0000/integrated"]
+        average = h5["entry_0000/reduction/integrated_median"]
+        assert "I_errors" not in average
+        expected = reduced(h5["entry_0000/integrated/I"][()], "median")
+        np.testing.assert_array_equal(average["I"][()], expected)
+        radial = average["radial_axis"][()]
     text = np.loadtxt(tmp_path / "out" / "azint_scan.xye")
     assert text.shape == (len(radial), 2)
     np.testing.assert_array_equal(text[:, 0], as_printed(radial))
@@ -403,17 +404,18 @@ def test_run_with_file_mode_and_average_xy(small_demo, tmp_path):
         assert mode_of(location) == 0o751
         for output, entry, text in zip(outputs, ("1.1", "2.1"), texts, strict=True):
             with h5py.File(output) as h5:
-                process = h5[f"{entry}/ai"]
-                assert "bbox" in process["method"][()].decode()
-                low, high = process["radial_range"][()]
-                assert process["radial_range"].attrs["units"] == "deg" and 0 <= low < high
-                stack, average = h5[f"{entry}/integrated"], h5[f"{entry}/integrated_mean"]
-                for name in ("intensity", "errors"):
+                process = h5[f"{entry}/reduction"]
+                assert "bbox" in process["note"][()].decode()
+                low, high = process["input/radial_range"][()]
+                assert process["input/radial_range"].attrs["units"] == "deg" and 0 <= low < high
+                stack = h5[f"{entry}/integrated"]
+                average = h5[f"{entry}/reduction/integrated_mean"]
+                for name in ("I", "I_errors"):
                     expected = reduced(stack[name][()], "mean")
                     np.testing.assert_array_equal(average[name][()], expected)
                 columns = np.loadtxt(text)
-                np.testing.assert_array_equal(columns[:, 0], as_printed(stack["2th_deg"][()]))
-                np.testing.assert_array_equal(columns[:, 2], as_printed(average["errors"][()]))
+                np.testing.assert_array_equal(columns[:, 0], as_printed(stack["radial_axis"][()]))
+                np.testing.assert_array_equal(columns[:, 2], as_printed(average["I_errors"][()]))
     finally:
         for path in (location / "sample", location / "sample" / "sample_0001"):
             if path.exists():

@@ -171,10 +171,10 @@ def test_the_mean_as_xye_is_numpys_mean_over_every_frame(outputs, tmp_path):
     table = np.loadtxt(tmp_path / "mean.xye")
     assert table.shape == (NPT, 3)
     with h5py.File(outputs["1d"]) as h5:
-        radial = h5["1.1/integrated/2th_deg"][()]
+        radial = h5["1.1/integrated/radial_axis"][()]
     np.testing.assert_allclose(table[:, 0], radial, rtol=RTOL)
-    np.testing.assert_allclose(table[:, 1], nanmean(stack(outputs["1d"], "intensity")), rtol=RTOL)
-    np.testing.assert_allclose(table[:, 2], nanmean(stack(outputs["1d"], "errors")), rtol=RTOL)
+    np.testing.assert_allclose(table[:, 1], nanmean(stack(outputs["1d"], "I")), rtol=RTOL)
+    np.testing.assert_allclose(table[:, 2], nanmean(stack(outputs["1d"], "I_errors")), rtol=RTOL)
     assert np.isnan(table[0, 1])  # an empty bin stays empty
 
 
@@ -184,10 +184,10 @@ def test_a_frame_as_csv_names_its_columns_and_units(outputs, tmp_path):
     (path,) = result.stdout.splitlines()
     assert path == str(outputs["1d"]).replace(".h5", "_frame4.csv")  # beside the output
     header = Path(path).read_text().splitlines()[0]
-    assert header == "2th_deg (deg),intensity,errors"
+    assert header == "2theta (deg),intensity,errors"
     table = np.loadtxt(path, delimiter=",", skiprows=1)
-    np.testing.assert_allclose(table[:, 1], stack(outputs["1d"], "intensity")[4], rtol=RTOL)
-    np.testing.assert_allclose(table[:, 2], stack(outputs["1d"], "errors")[4], rtol=RTOL)
+    np.testing.assert_allclose(table[:, 1], stack(outputs["1d"], "I")[4], rtol=RTOL)
+    np.testing.assert_allclose(table[:, 2], stack(outputs["1d"], "I_errors")[4], rtol=RTOL)
     os.unlink(path)
 
 
@@ -198,9 +198,9 @@ def test_a_stored_average_is_what_is_exported(outputs, tmp_path):
     assert path == str(tmp_path / "azint_s_scan0003_pilatus_mean.xye")
     table = np.loadtxt(path)
     with h5py.File(outputs["stored"]) as h5:
-        stored = h5["1.1/integrated_mean/intensity"][()]
+        stored = h5["1.1/reduction/integrated_mean/I"][()]
     np.testing.assert_array_equal(table[:, 1].astype(np.float32), stored)  # 9 digits: exact
-    np.testing.assert_allclose(table[:, 1], nanmean(stack(outputs["stored"], "intensity")), RTOL)
+    np.testing.assert_allclose(table[:, 1], nanmean(stack(outputs["stored"], "I")), RTOL)
 
 
 def test_a_cake_gives_one_file_per_slice(outputs, tmp_path):
@@ -208,7 +208,7 @@ def test_a_cake_gives_one_file_per_slice(outputs, tmp_path):
     assert runner.exit_code == 0, runner.output
     paths = runner.stdout.splitlines()
     assert paths == [str(tmp_path / f"cake_chi{k:02d}.xye") for k in range(1, SLICES + 1)]
-    mean = nanmean(stack(outputs["cake"], "intensity"))
+    mean = nanmean(stack(outputs["cake"], "I"))
     for k, path in enumerate(paths):
         np.testing.assert_allclose(np.loadtxt(path)[:, 1], mean[k], rtol=RTOL)
 
@@ -218,10 +218,10 @@ def test_a_chosen_entry(outputs, tmp_path):
     path.write_bytes(outputs["1d"].read_bytes())
     with h5py.File(path, "a") as h5:
         h5.copy("1.1", "2.1")
-        h5["2.1/integrated/intensity"][...] = h5["2.1/integrated/intensity"][()] * 2
+        h5["2.1/integrated/I"][...] = h5["2.1/integrated/I"][()] * 2
     runner = invoke("export", path, "--entry", "2.1", "--frame", "1", "-o", tmp_path / "e.xye")
     assert runner.exit_code == 0, runner.output
-    expected = stack(outputs["1d"], "intensity")[1] * 2
+    expected = stack(outputs["1d"], "I")[1] * 2
     np.testing.assert_allclose(np.loadtxt(tmp_path / "e.xye")[:, 1], expected, rtol=RTOL)
     assert invoke("plot", path, "--entry", "2.1", "-o", tmp_path / "e.png").exit_code == 0
 
@@ -253,10 +253,10 @@ def test_the_data_is_found_by_nexus_attributes_not_by_names(tmp_path):
 def test_an_output_without_errors_gives_two_columns(tmp_path):
     path = write_output(tmp_path / "azint.h5", rings((3, 50), 4))
     with h5py.File(path, "a") as h5:
-        del h5["1.1/integrated/errors"]
+        del h5["1.1/integrated/I_errors"]
     runner = invoke("export", path, "-o", tmp_path / "m.csv")
     assert runner.exit_code == 0, runner.output
-    assert (tmp_path / "m.csv").read_text().splitlines()[0] == "2th_deg (deg),intensity"
+    assert (tmp_path / "m.csv").read_text().splitlines()[0] == "2theta (deg),intensity"
     assert np.loadtxt(tmp_path / "m.csv", delimiter=",", skiprows=1).shape == (50, 2)
 
 
@@ -338,10 +338,10 @@ def test_an_unreadable_output_exits_1(outputs, tmp_path):
     path = tmp_path / "broken.h5"
     data = bytearray(outputs["1d"].read_bytes())
     with h5py.File(outputs["1d"]) as h5:
-        offset = h5["1.1/integrated/intensity"].id.get_chunk_info(0).byte_offset
+        offset = h5["1.1/integrated/I"].id.get_chunk_info(0).byte_offset
     data[offset + 10 : offset + 200] = bytes(190)  # a damaged chunk: its checksum fails
     path.write_bytes(bytes(data))
     result = invoke("export", path, "--frame", "0")
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit)
-    assert result.stderr.startswith(f"error: {path}: /1.1/integrated/intensity: cannot be read")
+    assert result.stderr.startswith(f"error: {path}: /1.1/integrated/I: cannot be read")

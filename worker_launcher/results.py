@@ -1,19 +1,19 @@
 """Looking at a written output: what `ringflow plot` draws and `ringflow export` writes.
 
-The data to show is found the NeXus way, never by dataset name, so the reading survives the
-layout moving to NXazint1d/NXazint2d: the root's ``default`` attribute names the entry (or
+The data to show is found the NeXus way, never by dataset name, so any NXdata reads (outputs
+of older layouts and other writers too): the root's ``default`` attribute names the entry (or
 ``--entry``), the entry's ``default`` its NXdata, whose ``signal``, ``axes`` and
 ``<axis>_indices`` attributes name the intensity and its axes; the errors are
-``<signal>_errors`` (NeXus) or ``errors`` (the current layout). Only where an attribute is
+``<signal>_errors`` (NeXus, NXazint's ``I_errors``) or ``errors``. Only where an attribute is
 missing does the reading fall back to the first NXentry and NXdata that have them.
 
 The signal is frames x radial (a 1D scan) or frames x azimuthal x radial (a cake). Scans of
 10,000 frames and more are read in blocks of whole chunks, at most ``BLOCK_BYTES`` at once,
 in one pass that yields both the mean and the rows of the heat map; the heat map keeps at
 most ``HEATMAP_ROWS`` rows, and no more than the figure has pixels, evenly strided. A stored
-average (an ``NXdata`` beside the shown one holding the mean over frames,
-``integrated_mean`` with ``average_xy = mean``) is used instead of that pass where only the
-mean is needed.
+average (an ``NXdata`` beside the shown one or in the entry's ``reduction`` holding the mean
+over frames, ``reduction/integrated_mean`` with ``average_xy = mean``) is used instead of
+that pass where only the mean is needed.
 
 Errors: :class:`InputDataError` for what a user got wrong (no such file, not HDF5, no NXdata,
 unknown entry, frame out of range); a plain :class:`RingflowError` for a file that cannot be
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from tasks import nexus
 from tasks.errors import InputDataError, RingflowError
 from tasks.writers import os_reason, replacing
 
@@ -246,10 +247,14 @@ def _errors(group: h5py.Group, signal: h5py.Dataset) -> h5py.Dataset | None:
 
 
 def _stored_mean(group: h5py.Group, shape: tuple[int, ...]) -> str | None:
-    """An NXdata beside ``group`` holding the mean over the frames: named ``<group>_mean`` or
-    its signal's long_name saying "mean", and a signal of one frame's ``shape``."""
+    """An NXdata beside ``group``, or in the entry's ``reduction``, holding the mean over the
+    frames: named ``<group>_mean`` or its signal's long_name saying "mean", and a signal of
+    one frame's ``shape``."""
     base = group.name.rsplit("/", 1)[-1]
-    for name, child in group.parent.items():
+    process = group.parent.get(nexus.PROCESS)
+    places = [group.parent] + ([process] if isinstance(process, h5py.Group) else [])
+    children = [item for place in places for item in place.items()]
+    for name, child in children:
         if not isinstance(child, h5py.Group) or child.name == group.name:
             continue
         if _nx_class(child) != "NXdata" or not _has_signal(child):
