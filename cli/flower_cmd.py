@@ -8,8 +8,7 @@ from pathlib import Path
 
 import typer
 
-from worker_launcher.broker import shared_broker_url
-from worker_launcher.flower import flower_command
+from worker_launcher.flower import broker_to_watch, flower_command
 from worker_launcher.watch import raise_if_stopped
 
 from .common import EXIT_INTERRUPTED, load_config, say, user_errors
@@ -33,12 +32,17 @@ def flower(
 ) -> None:
     """Monitor queued and running tasks in a browser; Prometheus metrics at /metrics.
 
+    Without a broker_url, Flower attaches to the embedded broker of the ringflow run (or
+    workers local) that uses the configuration's workspace, and loses it when that run ends.
+
     Example: ringflow flower my.ini
     """
     cfg = load_config(config)
     with user_errors():
-        url = shared_broker_url(cfg, "flower")
+        url, owner = broker_to_watch(cfg)
         command = flower_command(cfg, url, insecure, port, allow_task_api)
+    if owner:
+        say("flower", f"attached to the embedded broker of process {owner}")
     if insecure:
         say("warning", "Flower runs WITHOUT authentication (--insecure), on 127.0.0.1 only")
     if allow_task_api:

@@ -136,6 +136,24 @@ def workspace_broker(workspace: str) -> Iterator[WorkspaceBroker]:
         lock.close()  # releases the flock
 
 
+def attached_broker(workspace: str) -> WorkspaceBroker:
+    """The embedded broker a running ringflow process owns in ``workspace``, used as it is.
+
+    For monitors (Flower): with no run, there is nothing to watch and no broker is started;
+    a BrokerError names the workspace instead.
+    """
+    folder = broker_folder(workspace)
+    lock = _take_lock(folder) if os.path.isdir(folder) else None
+    if lock is not None or not os.path.isdir(folder):
+        if lock is not None:
+            lock.close()
+        raise BrokerError(
+            f"{workspace}: no ringflow process runs its embedded broker now; start "
+            "'ringflow run' first, or set [queue] broker_url"
+        )
+    return _running_broker(folder)
+
+
 def _forget_url(folder: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(folder, URL))

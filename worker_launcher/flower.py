@@ -24,7 +24,10 @@ from tasks.config import (
     Config,
 )
 from tasks.errors import ConfigError
+from tasks.outputs import workspace
 
+from .broker import check_broker
+from .embedded import attached_broker
 from .script import project_root
 
 ALLOW_TASK_API = "--allow-task-api"
@@ -71,6 +74,17 @@ def flower_credentials(config: Config) -> tuple[str, str] | None:
     if "," in password:
         raise ConfigError("monitoring", "flower_password_file", path, "no ',' in the password")
     return user, password
+
+
+def broker_to_watch(config: Config) -> tuple[str, int]:
+    """The configured broker, checked reachable, and 0; else the embedded broker of the run
+    using the configuration's workspace, and the pid of the process that owns it."""
+    url = config.broker_url()
+    if url:
+        check_broker(url)
+        return url, 0
+    broker = attached_broker(workspace(config))
+    return broker.url, broker.owner_pid
 
 
 def flower_command(
