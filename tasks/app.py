@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import after_setup_logger, worker_init
 
 BROKER_ENV = "RINGFLOW_BROKER_URL"
 BROKER_FILE_ENV = "RINGFLOW_BROKER_URL_FILE"  # SLURM jobs: the URL's only home is a 0600 file
@@ -223,3 +223,19 @@ def patient_backend(**_) -> None:
     app.backend.connparams.update(
         retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError]
     )
+
+
+# Loggers quieted below DEBUG: pyFAI and silx repeat INFO lines for every engine they build
+# ("No sensor configuration provided", "Unable to parse ... as JSON file").
+QUIET_BELOW_DEBUG = ("pyFAI", "silx")
+
+
+@after_setup_logger.connect
+def quiet_worker_log(loglevel=None, **_) -> None:
+    """Workers' logs without pyFAI's INFO noise, unless verbosity 3 (DEBUG) asks for it."""
+    import logging
+
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, str) else loglevel
+    if level is None or level > logging.DEBUG:
+        for name in QUIET_BELOW_DEBUG:
+            logging.getLogger(name).setLevel(logging.WARNING)

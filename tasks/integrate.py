@@ -107,6 +107,8 @@ def integrate_file(self, payload: dict) -> dict:
             raise self.retry(countdown=delay, max_retries=queue.max_retries) from None
         if isinstance(exc, OutsideJobError):  # a forged message, or workers of another job
             log.error("refused: %s", failure["message"])
+        else:
+            log.error("failed after %d attempt(s): %s", attempt, failure["message"])
         registry.durably(
             lambda: registry.mark_failed(
                 client, task.prefix, task.job_id, task.task_id, failure, ttl
@@ -121,6 +123,9 @@ def integrate_file(self, payload: dict) -> dict:
         "time_s": round(time.time(), 3),
     }
     where = _where(self.request)
+    log.info(
+        "%s: %d frames in %.2f s on %s", task.path, frames, info["seconds"], where["worker"]
+    )  # beside Celery's received/succeeded lines: the file, its frames, seconds and worker
     registry.durably(
         lambda: registry.mark_done(
             client, task.prefix, task.job_id, task.task_id, info | where, _ttl(config)

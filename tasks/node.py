@@ -43,7 +43,10 @@ def _register(sender=None, **_) -> None:
     prefix = os.environ.get(PREFIX_ENV)
     if not prefix or sender is None:
         return
-    info = node_info() | {"queues": sorted(q.name for q in sender.task_consumer.queues)}
+    info = node_info() | {
+        "queues": sorted(q.name for q in sender.task_consumer.queues),
+        "concurrency": getattr(sender.pool, "limit", None),  # the pool's processes
+    }
     app.backend.client.hset(keys.workers(prefix), sender.hostname, json.dumps(info))
     log.info("ringflow worker %s ready: %s", sender.hostname, info)
 

@@ -45,7 +45,7 @@ export {roots_env}={write_roots}
 export PYTHONPATH={pythonpath}"${{PYTHONPATH:+:$PYTHONPATH}}"
 {device_check}
 # exec: the worker itself gets SLURM's --signal, for a warm shutdown before the time limit.
-exec {python} -m celery -A tasks.app worker --pool=prefork --concurrency={concurrency} \\
+exec {python} -m celery -A tasks.app --quiet worker --pool=prefork --concurrency={concurrency} \\
     -Q {queues} -n {node_base}-"${{RINGFLOW_NODE_TAG:-j${{SLURM_JOB_ID:-$$}}}}"@%h \\
     --without-gossip --without-mingle -E --loglevel={loglevel}
 """
