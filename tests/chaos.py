@@ -415,7 +415,7 @@ def integrated(path: Path) -> dict[str, np.ndarray]:
         for entry in h5:
             group = h5[entry].get("integrated")
             for name in group or ():
-                found[f"{entry}/integrated/{name}"] = group[name][()]
+                found[f"{entry}/integrated/{name}"] = np.asarray(group[name][()])  # title: bytes
     return found
 
 
