@@ -34,16 +34,46 @@ def plain_every_s() -> float:
     return value
 
 
+PHASES = ("starting workers, building engines", "integrating", "assembling")  # in order
+
+
+def say_phase(text: str, quiet: bool = False) -> None:
+    """One ``phase:`` line on stderr (none with --json): what the job does from now on."""
+    if not quiet:
+        say("phase", text)
+
+
+def phase_of(progress, n_files: int) -> str:
+    """What a job does, read from its counts: every worker builds its engine (pyFAI's matrix,
+    an OpenCL kernel) before its first frames; once every file has an outcome, the scans'
+    outputs are assembled."""
+    if progress.files_done + progress.files_failed >= n_files:
+        return PHASES[2]
+    return PHASES[1] if progress.frames_done else PHASES[0]
+
+
 @contextmanager
 def job_progress(plan: JobPlan, quiet: bool) -> Iterator[Callable]:
-    """A rich progress bar on stderr; yields the ``on_progress(progress, elapsed)`` callback."""
+    """A rich progress bar on stderr; yields the ``on_progress(progress, elapsed)`` callback.
+
+    Each phase of the job (see :data:`PHASES`) is told once, as it begins, by a ``phase:``
+    line above the bar (or between the plain lines)."""
     for problem in plan.problems:
         say("error", str(problem))
     for output in plan.skipped:
         say("skipped", f"{output} (existing_output = {plan.config.output.existing_output})")
     label, n_files = f"job {plan.job_id}", len(plan.file_tasks)
+    told: list[str] = []
     with frames_progress(label, plan.n_frames, n_files, quiet) as update:
-        yield update
+
+        def on_progress(progress, elapsed: float) -> None:
+            phase = phase_of(progress, n_files)
+            if not told or PHASES.index(phase) > PHASES.index(told[-1]):
+                told.append(phase)
+                say_phase(f"{label}: {phase}", quiet)
+            update(progress, elapsed)
+
+        yield on_progress
 
 
 @contextmanager

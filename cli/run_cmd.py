@@ -25,7 +25,7 @@ from .common import (
     say_recovery,
     user_errors,
 )
-from .progress import job_progress, report
+from .progress import job_progress, report, say_phase
 
 
 def run(
@@ -44,7 +44,9 @@ def execute(config: Config, as_json: bool = False) -> int:
     """Plan, run and report a job; returns the exit code."""
     install_interrupt_handlers()
     try:
+        say_phase("starting the broker and the local workers", as_json)
         with user_errors(), services_ahead(config) as services:
+            say_phase("planning: finding the scans and checking the inputs", as_json)
             plan = plan_or_fail(config, check_device=True)
             with job_progress(plan, quiet=as_json) as update:
                 summary = run_plan(config, plan, update, services, say_recovery)

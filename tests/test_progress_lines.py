@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from cli.progress import PHASES
+
 from .conftest import edit_config, run_cli
 
 
@@ -21,6 +23,14 @@ def test_a_run_without_terminal_prints_plain_progress_lines(small_demo, tmp_path
     assert all("━" not in line and "\r" not in line for line in lines), result.stderr
     assert ": 4/4 files, 16/16 frames, " in progress[-1], progress  # 2 scans x 2 files x 4
     assert any(line.startswith("workspace: ") and "worker logs in" in line for line in lines)
+    phases = [line.split(": ", 1)[1] for line in lines if line.startswith("phase: ")]
+    assert phases[:2] == [
+        "starting the broker and the local workers",
+        "planning: finding the scans and checking the inputs",
+    ], result.stderr
+    job = [phase.rsplit(": ", 1)[1] for phase in phases[2:]]
+    assert job and job == [p for p in PHASES if p in job], result.stderr  # each once, in order
+    assert job[-1] == "assembling"
 
 
 def test_progress_interval_from_the_environment(monkeypatch, capsys):
