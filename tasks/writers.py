@@ -345,17 +345,17 @@ def _write_process(entry: h5py.Group, result: ScanResult) -> None:
     process["version"] = result.versions.get("ringflow", "")
     process["date"] = _now()
     process["reference"] = nexus.REFERENCE
-    process["note"] = result.method
+    entry[nexus.METHOD] = result.method
     versions = _group(process, "versions", "NXcollection")
     for name, version in result.versions.items():
         versions[name] = version
-    parameters = _group(process, "input", "NXparameters")
+    parameters = _group(entry, nexus.PARAMETERS, "NXparameters")
     radial_range = np.asarray(result.radial_range, np.float64)
-    _field(parameters, "radial_range", radial_range, nexus.units_of(result.unit))
-    parameters["configuration"] = result.configuration
-    parameters["configuration"].attrs["description"] = "ringflow configuration (INI)"
-    parameters["pyfai_config"] = json.dumps(result.pyfai_config)
-    parameters["pyfai_config"].attrs["description"] = (
+    _field(entry, nexus.RADIAL_RANGE, radial_range, nexus.units_of(result.unit))
+    entry[nexus.CONFIGURATION] = result.configuration
+    entry[nexus.CONFIGURATION].attrs["description"] = "ringflow configuration (INI)"
+    entry[nexus.PYFAI_CONFIG] = json.dumps(result.pyfai_config)
+    entry[nexus.PYFAI_CONFIG].attrs["description"] = (
         "pyFAI's integration configuration (JSON: pyFAI-integrate --json, pyFAI.worker.Worker)"
     )
     for key, value in result.geometry.items():
