@@ -143,15 +143,15 @@ def attached_broker(workspace: str) -> WorkspaceBroker:
     a BrokerError names the workspace instead.
     """
     folder = broker_folder(workspace)
-    lock = _take_lock(folder) if os.path.isdir(folder) else None
-    if lock is not None or not os.path.isdir(folder):
-        if lock is not None:
-            lock.close()
-        raise BrokerError(
-            f"{workspace}: no ringflow process runs its embedded broker now; start "
-            "'ringflow run' first, or set [queue] broker_url"
-        )
-    return _running_broker(folder)
+    if os.path.isdir(folder):
+        lock = _take_lock(folder)
+        if lock is None:  # held: a run owns the broker
+            return _running_broker(folder)
+        lock.close()
+    raise BrokerError(
+        f"{workspace}: no ringflow process runs its embedded broker now; start "
+        "'ringflow run' first, or set [queue] broker_url"
+    )
 
 
 def _forget_url(folder: str) -> None:
