@@ -64,6 +64,7 @@ def assemble_scan(results: list[dict], payload: dict) -> dict:
     frames = written_earlier(scan)
     if frames is not None:
         log.info("%s: already written to %s by an earlier delivery", scan.scan_key, scan.output)
+        _remove_partials(scan.partials)  # those the earlier delivery had no time to remove
         _finish_scan(payload, scan, scan.config_obj().output.file_mode, roots)
         return {"status": "done", "scan": scan.scan_key, "output": scan.output, "frames": frames}
     try:
@@ -107,15 +108,16 @@ def output_entry(scan: ScanTask) -> str:
 
 
 def written_earlier(scan: ScanTask) -> int | None:
-    """Frames of the output an earlier delivery of this assembly wrote before it removed the
-    partials; None when there is no such output.
+    """Frames of the output an earlier delivery of this assembly wrote before it removed
+    some or all of the partials; None when there is no such output.
 
-    A worker killed between removing the partials and acknowledging the task gets it again
-    (acks_late): rebuilding would find no partial. The chord runs the assembly only once
-    every file's partial is in, so no partial left and an output of the scan's frame count
-    mean this assembly wrote it.
+    A worker killed while removing the partials, or after and before acknowledging the
+    task, gets it again (acks_late): rebuilding would miss the partials already removed.
+    The chord runs the assembly only once every file's partial is in, and the output takes
+    its final name before the first partial goes, so a partial missing and an output of the
+    scan's frame count mean this assembly wrote it.
     """
-    if not scan.partials or any(os.path.exists(p) for p in scan.partials):
+    if not scan.partials or all(os.path.exists(p) for p in scan.partials):
         return None
     try:
         with h5py.File(scan.output, "r") as h5:

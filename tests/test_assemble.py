@@ -237,3 +237,18 @@ def test_an_assembly_delivered_again_after_it_wrote_is_done(tmp_path):
     assert Path(out).read_bytes() == before
     wrong = dict(payload, n_frames=8)  # not this scan's output: rebuilt, and fails (no partial)
     assert assemble_scan.run([{"status": "done"}] * 2, wrong)["status"] == "failed"
+
+
+def test_an_assembly_killed_while_removing_partials_is_done_when_delivered_again(tmp_path):
+    """Killed after the output took its name and the first partial went, the second still
+    there: the redelivery keeps the output, removes the rest and reports the scan done."""
+    parts = make_partials(tmp_path, [3, 4])
+    payload = scan_payload(tmp_path, parts, {})
+    first, out = assemble_partials(tmp_path, parts, {})
+    assert first["status"] == "done"
+    write_partial(payload["partials"][1], parts[1])  # as if the kill came before its unlink
+    before = Path(out).read_bytes()
+    again = assemble_scan.run([{"status": "done"}] * 2, payload)
+    assert again == {"status": "done", "scan": "scan", "output": out, "frames": 7}, again
+    assert Path(out).read_bytes() == before
+    assert not any((tmp_path / "partials").glob("*.h5"))
