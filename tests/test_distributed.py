@@ -401,7 +401,8 @@ def test_flower_attaches_to_the_embedded_broker_of_a_run(tmp_path):
     from tasks.outputs import workspace
     from worker_launcher.embedded import URL, broker_folder
 
-    demo = write_demo(DemoSpec(str(tmp_path / "demo"), scans=1, frames_per_file=30))
+    # frames enough for the run to outlast Flower's start and its first look at the workers
+    demo = write_demo(DemoSpec(str(tmp_path / "demo"), scans=1, frames_per_file=120))
     secret = tmp_path / "flower.password"
     secret.write_text("flower-pw-789\n")
     port = free_port()
@@ -421,10 +422,13 @@ def test_flower_attaches_to_the_embedded_broker_of_a_run(tmp_path):
         wait_until(lambda: http_status(f"{base}/healthcheck") == 200, 60, "Flower to answer")
         assert http_status(f"{base}/api/workers") == 401
         auth = {"Authorization": "Basic " + b64encode(b"ringflow:flower-pw-789").decode()}
-        workers = wait_until(
-            lambda: list(http_json(f"{base}/api/workers?refresh=1", auth)), 60, "the workers"
-        )
-        assert any("-gpu" in name for name in workers), workers
+
+        def gpu_workers() -> list[str]:  # the assembly worker may answer first: wait for both
+            names = list(http_json(f"{base}/api/workers?refresh=1", auth))
+            return [n for n in names if "-gpu" in n] and names
+
+        workers = wait_until(gpu_workers, 60, "a GPU worker in Flower")
+        assert any("-assemble" in name for name in workers), workers
         assert run.wait(300) == 0, (tmp_path / "run.err").read_text()[-2000:]
     finally:
         for process in (run, flower):
