@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -63,8 +64,9 @@ def job_progress(plan: JobPlan, quiet: bool) -> Iterator[Callable]:
     for output in plan.skipped:
         say("skipped", f"{output} (existing_output = {plan.config.output.existing_output})")
     label, n_files = f"job {plan.job_id}", len(plan.file_tasks)
+    scans = [ScanRow(s.scan_key, Path(s.output).stem, s.n_frames) for s, _ in plan.scans]
     told: list[str] = []
-    with frames_progress(label, plan.n_frames, n_files, quiet) as update:
+    with frames_progress(label, plan.n_frames, n_files, quiet, scans) as update:
 
         def on_progress(progress, elapsed: float) -> None:
             phase = phase_of(progress, n_files)
@@ -76,20 +78,52 @@ def job_progress(plan: JobPlan, quiet: bool) -> Iterator[Callable]:
         yield on_progress
 
 
+@dataclass(frozen=True)
+class ScanRow:
+    """A scan as the progress shows it: its key in the job's counters, its output's name and
+    its frames."""
+
+    key: str
+    name: str
+    n_frames: int
+
+
+SCAN_ROWS = 4  # scans shown at once under the job's bar: those nearest their end
+
+
+def scans_integrated(scans: list[ScanRow], progress) -> int:
+    """Scans whose every frame is integrated."""
+    return sum(progress.scan_frames.get(s.key, 0) >= s.n_frames for s in scans)
+
+
+def busiest(scans: list[ScanRow], progress, n: int = SCAN_ROWS) -> list[ScanRow]:
+    """The ``n`` scans being integrated (some frames, not all) nearest their end, in the
+    order of the job."""
+    started = [s for s in scans if 0 < progress.scan_frames.get(s.key, 0) < s.n_frames]
+    nearest = sorted(started, key=lambda s: s.n_frames - progress.scan_frames.get(s.key, 0))
+    shown = set(nearest[:n])
+    return [s for s in started if s in shown]
+
+
 @contextmanager
 def frames_progress(
-    label: str, total: int | None = None, n_files: int | None = None, quiet: bool = False
+    label: str,
+    total: int | None = None,
+    n_files: int | None = None,
+    quiet: bool = False,
+    scans: list[ScanRow] | None = None,
 ) -> Iterator[Callable]:
     """Frames and files done so far, against totals when they are known: a live bar on a
-    terminal; elsewhere (nohup, SLURM, a log file) one plain line every PLAIN_EVERY_S and a
-    last one at the end, never a bar cut at the log's width."""
+    terminal, with a row for each scan being integrated (at most SCAN_ROWS); elsewhere
+    (nohup, SLURM, a log file) one plain line every PLAIN_EVERY_S and a last one at the end,
+    never a bar cut at the log's width."""
     if quiet:
         yield lambda progress, elapsed: None
     elif err.is_terminal:
-        with _live_bar(label, total, n_files) as update:
+        with _live_bar(label, total, n_files, scans or []) as update:
             yield update
     else:
-        with _plain_lines(label, total, n_files) as update:
+        with _plain_lines(label, total, n_files, scans or []) as update:
             yield update
 
 
@@ -105,37 +139,51 @@ class _Rate:
 
 
 @contextmanager
-def _live_bar(label: str, total: int | None, n_files: int | None) -> Iterator[Callable]:
+def _live_bar(
+    label: str, total: int | None, n_files: int | None, scans: list[ScanRow]
+) -> Iterator[Callable]:
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn(
-            "{task.fields[files]} files  {task.completed:.0f}"
-            + ("/{task.total:.0f}" if total else "")
-            + " frames  {task.fields[rate]:.1f} frames/s  {task.fields[failed]} failed"
-        ),
+        TextColumn("{task.fields[text]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
     of = f"/{n_files}" if n_files is not None else ""
+    frames_of = f"/{total}" if total else ""
     rate = _Rate()
     with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task(label, total=total, files=f"0{of}", rate=0.0, failed=0)
+        task = bar.add_task(label, total=total, text=f"0{of} files")
+        rows: dict[str, int] = {}  # scan key -> its row, once shown
 
         def update(progress, elapsed: float) -> None:
-            bar.update(
-                task,
-                completed=progress.frames_done,
-                failed=progress.files_failed,
-                files=f"{progress.files_done}{of}",
-                rate=rate.of(progress.frames_done, elapsed),
+            per_s = rate.of(progress.frames_done, elapsed)
+            text = (
+                f"{progress.files_done}{of} files  {progress.frames_done}{frames_of} frames  "
+                f"{per_s:.1f} frames/s  {progress.files_failed} failed"
             )
+            bar.update(task, completed=progress.frames_done, text=text)
+            _update_rows(bar, rows, scans, progress)
 
         yield update
 
 
+def _update_rows(bar: Progress, rows: dict[str, int], scans: list[ScanRow], progress) -> None:
+    """Show the busiest scans' rows under the job's bar, hide the others' (ended ones too)."""
+    shown = {s.key for s in busiest(scans, progress)}
+    for scan in scans:
+        done = min(progress.scan_frames.get(scan.key, 0), scan.n_frames)
+        if scan.key in shown and scan.key not in rows:
+            rows[scan.key] = bar.add_task(f"  {scan.name}", total=scan.n_frames, text="")
+        if scan.key in rows:
+            text = f"{done}/{scan.n_frames} frames"
+            bar.update(rows[scan.key], completed=done, text=text, visible=scan.key in shown)
+
+
 @contextmanager
-def _plain_lines(label: str, total: int | None, n_files: int | None) -> Iterator[Callable]:
+def _plain_lines(
+    label: str, total: int | None, n_files: int | None, scans: list[ScanRow]
+) -> Iterator[Callable]:
     rate, every = _Rate(), plain_every_s()
     last: dict = {"at": None, "line": ""}
 
@@ -147,9 +195,11 @@ def _plain_lines(label: str, total: int | None, n_files: int | None) -> Iterator
         if total and per_s > 0 and progress.frames_done < total:
             left = f", about {(total - progress.frames_done) / per_s:.0f} s left"
         failed = f", {progress.files_failed} failed" if progress.files_failed else ""
+        n_in = scans_integrated(scans, progress)
+        integrated = f", {n_in}/{len(scans)} scans integrated" if scans else ""
         return (
-            f"{label}: {files} files, {frames} frames, {per_s:.1f} frames/s{failed}, "
-            f"{elapsed:.0f} s{left}"
+            f"{label}: {files} files, {frames} frames{integrated}, {per_s:.1f} frames/s"
+            f"{failed}, {elapsed:.0f} s{left}"
         )
 
     def update(progress, elapsed: float) -> None:

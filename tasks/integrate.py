@@ -165,7 +165,7 @@ def _where(request) -> dict:
 def _integrate(task: FileTask, config, client) -> int:
     def count(frames: int) -> None:  # a live counter: a broker restarting must not fail a file
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
-            registry.add_frames(client, task.prefix, task.job_id, frames)
+            registry.add_frames(client, task.prefix, task.job_id, task.scan_key, frames)
 
     return integrate_to_partial(task, config, count)
 

@@ -30,8 +30,12 @@ def assemble_queue(prefix: str) -> str:
     return ASSEMBLE_QUEUE.format(prefix=prefix)
 
 
+SCAN_FRAMES = "scan_frames:"  # + scan key: a field of the job's progress hash
+
+
 def job_progress(prefix: str, job_id: str) -> str:
-    """Hash of counters: files_done, files_failed, frames_done."""
+    """Hash of counters: files_done, files_failed, frames_done, and frames done per scan
+    (field SCAN_FRAMES + scan key)."""
     return JOB_PROGRESS.format(prefix=prefix, job_id=job_id)
 
 

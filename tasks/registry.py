@@ -45,6 +45,7 @@ class Progress:
     files_failed: int = 0
     frames_done: int = 0
     failures: dict[str, dict] = field(default_factory=dict)
+    scan_frames: dict[str, int] = field(default_factory=dict)  # scan key -> frames done
 
 
 def register_job(
@@ -84,8 +85,13 @@ def read_scans(client, prefix: str, job_id: str) -> dict[str, dict]:
     return _read_json_hash(client, keys.job_scans(prefix, job_id))
 
 
-def add_frames(client, prefix: str, job_id: str, count: int) -> None:
-    client.hincrby(keys.job_progress(prefix, job_id), "frames_done", count)
+def add_frames(client, prefix: str, job_id: str, scan_key: str, count: int) -> None:
+    """Count ``count`` more frames integrated, for the job and for its scan ``scan_key``."""
+    name = keys.job_progress(prefix, job_id)
+    pipe = client.pipeline(transaction=False)
+    pipe.hincrby(name, "frames_done", count)
+    pipe.hincrby(name, keys.SCAN_FRAMES + scan_key, count)
+    pipe.execute()
 
 
 def mark_done(
@@ -183,11 +189,13 @@ def read_progress(client, prefix: str, job_id: str) -> Progress:
     pipe.hgetall(keys.job_failed(prefix, job_id))
     counters, failed = pipe.execute()
     counters = {text(k): int(v) for k, v in counters.items()}
+    size = len(keys.SCAN_FRAMES)
     return Progress(
         files_done=counters.get("files_done", 0),
         files_failed=counters.get("files_failed", 0),
         frames_done=counters.get("frames_done", 0),
         failures={text(k): json.loads(v) for k, v in failed.items()},
+        scan_frames={k[size:]: v for k, v in counters.items() if k.startswith(keys.SCAN_FRAMES)},
     )
 
 
