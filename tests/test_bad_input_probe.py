@@ -224,6 +224,34 @@ def test_temporaries_left_by_a_killed_run_are_removed_by_the_next(small_demo, tm
         assert h5["1.1/integrated/I"].shape[0] == 8
 
 
+def test_temporaries_of_workers_a_requeue_stopped_are_removed_by_it(small_demo, tmp_path):
+    """`requeue --stranded` after a killed run stops the run's workers (one may be writing
+    any scan's output or partial): once the job's scans have their outcomes, the temporaries
+    of every scan of the job go, not only those of the files it sent again."""
+    config = config_with(small_demo, tmp_path)
+    first = run_cli("run", config, "--json")
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = last_json(first.stdout)
+    output = sorted(summary["outputs"])[-1]
+    folder, name = os.path.split(output)
+    left = os.path.join(folder, f".{name}.s70pp3d_.tmp")
+    with open(left, "wb") as fh:
+        fh.write(b"\x89HDF\r\n half an output")
+    job_partials = tmp_path / "out" / ".ringflow" / "partials" / summary["job_id"] / name[:-3]
+    job_partials.mkdir(parents=True)
+    partial = os.path.join(job_partials, ".0001_pilatus_0000_0.h5.x2_y3z4w.tmp")
+    open(partial, "wb").close()
+    requeued = run_cli("requeue", config, summary["job_id"], "--stranded")
+    assert requeued.returncode == 0, requeued.stderr[-2000:]
+    for path in (left, partial):
+        assert not os.path.exists(path), requeued.stderr
+        assert f"warning: {path}: removed, a temporary file left by a killed run" in (
+            requeued.stderr
+        )
+    with h5py.File(output) as h5:  # the output itself untouched
+        assert h5[f"{next(iter(h5))}/integrated/I"].shape[0] == 8
+
+
 # --- the workspace's disk full -----------------------------------------------------------
 
 

@@ -112,6 +112,14 @@ def _remove_leftovers(client, prefix: str, job_id: str, manifest, chosen, since:
     return remove_leftovers(outputs, folders, since)
 
 
+def remove_job_leftovers(client, prefix: str, job_id: str) -> list[str]:
+    """Once every scan of the job has its outcome: the temporaries of any of its outputs and
+    partials that no process of this machine holds open, e.g. those of a killed run's
+    workers stopped mid-write when this command took over their broker."""
+    manifest = registry.read_manifest(client, prefix, job_id)
+    return _remove_leftovers(client, prefix, job_id, manifest, list(manifest), time.time())
+
+
 def _selected(task: dict, is_failed: bool, selection: Selection) -> bool:
     scan = task["scan_key"]
     by_scan = any(scan == s or scan.endswith(s) for s in selection.scans)

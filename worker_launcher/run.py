@@ -26,7 +26,7 @@ from .distributed import scan_outcomes, wait_for_workers
 from .embedded import WorkspaceBroker, job_broker
 from .local import LocalWorkers, start_local_workers
 from .recovery import restore_orphans
-from .requeue import RequeueResult, Selection, requeue
+from .requeue import RequeueResult, Selection, remove_job_leftovers, requeue
 from .status import JobStatus, job_status
 from .supervise import LocalSupervisor
 from .watch import (
@@ -208,6 +208,7 @@ def requeue_here(
         supervisor = supervise(services, config, job_id, on_event)
         watch(app, plan, callbacks, supervisor, on_progress, hint, on_event)
         final = job_status(app, prefix, job_id)
+        result.removed += remove_job_leftovers(app.backend.client, prefix, job_id)
         stop_idle_workers(services, prefix)  # as a run does: no warm shutdown of idle workers
         return result, final
 
