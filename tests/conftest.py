@@ -19,11 +19,29 @@ CLI = [sys.executable, "-m", "cli.main"]
 MEASURED: list[str] = []  # figures the tests measured, shown in pytest's final summary
 
 
+SLURM_MODULES = ("test_distributed", "test_chaos", "test_script")  # they submit SLURM jobs
+
+
 @pytest.fixture
-def measured():
+def measured(request):
     """Record a figure a test measured (a recovery time, trials passed): pytest prints it in
-    its final summary, so CI's log shows it without ``-s``."""
-    return MEASURED.append
+    its final summary, so CI's log shows it without ``-s``. It travels as a user property of
+    the test's report, which pytest-xdist hands from its worker to the main process."""
+    return lambda text: request.node.user_properties.append(("measured", text))
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.when == "teardown":
+        MEASURED.extend(text for name, text in report.user_properties if name == "measured")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests that submit SLURM jobs run one at a time, on one pytest-xdist worker: the CI
+    node is sized to fit a job's workers, not two jobs' (``--dist loadgroup``)."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SLURM_MODULES or "slurm" in item.name:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
