@@ -57,6 +57,10 @@ def flower(
     except KeyboardInterrupt:
         ignore_further_interrupts()
         process.terminate()
-        process.wait(10)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:  # never leave a Flower behind on its port
+            process.kill()
+            process.wait(10)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     raise typer.Exit(code)
