@@ -447,20 +447,22 @@ def test_flower_task_api_only_when_asked(small_demo, tmp_path):
     url, prefix = redis_url(), unique_prefix("flapi")
     secret = tmp_path / "flower.password"
     secret.write_text("flower-pw-456\n")
-    port = free_port()
-    monitoring = {"flower_port": str(port), "flower_password_file": str(secret)}
-    config = cluster_config(small_demo, tmp_path, prefix, monitoring=monitoring)
     env = {"RINGFLOW_BROKER_URL": url}
     auth = {"Authorization": "Basic " + b64encode(b"ringflow:flower-pw-456").decode()}
-    base, junk = f"http://127.0.0.1:{port}", f"{prefix}.junk"
+    junk = f"{prefix}.junk"
     sent = {"args": [{}], "queue": junk}
     paths = ("/api/task/async-apply/ringflow.integrate_file", "/api/task/revoke/x")
     codes = {}
-    for allow in (False, True):
+    for allow in (False, True):  # a port each: the first may not have let its port go yet
+        port = free_port()
+        monitoring = {"flower_port": str(port), "flower_password_file": str(secret)}
+        config = cluster_config(small_demo, tmp_path, prefix, monitoring=monitoring)
+        base = f"http://127.0.0.1:{port}"
         option = ["--allow-task-api"] if allow else []
         flower = start_cli(["flower", str(config), *option], env, tmp_path / f"flower{allow}")
         try:
-            wait_until(lambda: http_status(f"{base}/healthcheck") == 200, 60, "Flower to answer")
+            health = f"{base}/healthcheck"
+            wait_until(lambda url=health: http_status(url) == 200, 60, "Flower to answer")
             assert http_status(f"{base}/api/workers", auth) == 200
             codes[allow] = [http_post(base + path, sent, auth) for path in paths]
         finally:
@@ -695,18 +697,21 @@ def test_scancel_of_one_worker_job_while_another_lives(long_files, tmp_path, sig
     cli = start_cli(["integrate-slurm", str(config), "--json"], env, tmp_path / "islurm")
     app = configure(url)
     try:
+        gpu1 = f"{prefix}-gpu1-"  # the broker is shared: other tests' workers answer too
 
         def gpu1_busy():
             active = app.control.inspect(timeout=0.5).active() or {}
             return next(
-                ((n, tasks[0]["id"]) for n, tasks in active.items() if "-gpu1-" in n and tasks),
+                ((n, t[0]["id"]) for n, t in active.items() if n.startswith(gpu1) and t),
                 None,
             )
 
         name, task_id = wait_until(gpu1_busy, 240, "the gpu1 worker job integrating a file")
         # its SLURM job from the record the worker wrote at start: no second broadcast round
         # between seeing the file in flight and cancelling (a file takes a few seconds)
-        record = app.backend.client.hget(keys.workers(prefix), name)
+        record = wait_until(  # written once the worker is ready, which a busy node delays
+            lambda: app.backend.client.hget(keys.workers(prefix), name), 30, f"{name}'s record"
+        )
         slurm_job = str(json.loads(record)["slurm_job"])
         subprocess.run(["scancel", f"--signal={signal}", slurm_job], check=True, timeout=30)
         cancelled_at = time.monotonic()
@@ -716,7 +721,8 @@ def test_scancel_of_one_worker_job_while_another_lives(long_files, tmp_path, sig
     finally:
         if cli.poll() is None:
             cli.kill()
-        subprocess.run(["scancel", "--name", f"ringflow-{prefix}-gpu0"], check=False)
+        for role in ("gpu0", "gpu1", "assemble"):  # what a failed test would leave queued
+            subprocess.run(["scancel", "--name", f"ringflow-{prefix}-{role}"], check=False)
     stderr = (tmp_path / "islurm.err").read_text()
     assert cli.returncode == 0, stderr[-3000:]
     summary = last_json((tmp_path / "islurm.out").read_text())
