@@ -208,7 +208,7 @@ config = Config.from_file(sys.argv[2])
 n = int(sys.argv[4])
 task = FileTask(job_id="bench", task_id="bench-0", prefix="bench", scan_key="s", index=0,
     path=sys.argv[3], dataset="/entry_0000/measurement/data", src_start=0, n_frames=n,
-    scan_start=0, partial=sys.argv[5], config=config.payload_mapping())
+    scan_start=0, partial=sys.argv[5], config_digest="")
 integrate_to_partial(task, config)
 print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

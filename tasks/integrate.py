@@ -84,7 +84,7 @@ def integrate_file(self, payload: dict) -> dict:
     config = None
     try:
         confine.check_partial(task.partial, confine.worker_roots())  # before any folder
-        config = task.config_obj()
+        config = registry.job_config(client, task.prefix, task.job_id, task.config_digest)
         frames = _integrate(task, config, client)
     except Exception as exc:
         failure = _failure(task, exc) | _where(self.request) | {"attempts": attempt, "time": _now()}

@@ -12,6 +12,7 @@ registry entry names those that hold its output, for the assembly to give them t
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import os
 import time
@@ -34,7 +35,7 @@ from .outputs import (
     remove_leftovers,
     workspace,
 )
-from .payloads import FileTask, ScanTask, scan_ref
+from .payloads import ConfigRecord, FileTask, ScanTask, scan_ref
 from .writers import make_dirs
 
 PUBLISH_BATCH = 500  # Redis commands pipelined per round trip when enqueueing
@@ -60,6 +61,11 @@ class JobPlan:
     @property
     def n_frames(self) -> int:
         return sum(scan.n_frames for scan, _ in self.scans)
+
+    @functools.cached_property
+    def config_record(self) -> ConfigRecord:
+        """The configuration as the registry stores it; file tasks carry its digest."""
+        return ConfigRecord.of(self.config)
 
 
 @dataclass(frozen=True)
@@ -225,8 +231,7 @@ def _scan_payloads(plan: JobPlan, scan: Scan, output: str, fingerprint: str):
                 n_frames=piece.n_frames,
                 scan_start=piece.scan_start,
                 partial=os.path.join(partial_dir, f"{index:04d}_{stem}_{piece.src_start}.h5"),
-                config=mapping,
-                config_source=config.source,
+                config_digest=plan.config_record.digest,
                 monitor=monitor,
             )
         )
@@ -296,7 +301,13 @@ def submit(app, plan: JobPlan, slots: list[int] | None = None) -> dict[str, str]
         for scan, _ in plan.scans
     }
     registry.register_job(
-        app.backend.client, prefix, plan.job_id, manifest, scans, plan.config.queue.job_ttl_s
+        app.backend.client,
+        prefix,
+        plan.job_id,
+        manifest,
+        scans,
+        plan.config.queue.job_ttl_s,
+        plan.config_record,
     )
     send_chords(
         app,

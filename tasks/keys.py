@@ -13,6 +13,7 @@ JOB_MANIFEST = "{prefix}:job:{job_id}:manifest"
 JOB_SCANS = "{prefix}:job:{job_id}:scans"
 JOB_DONE = "{prefix}:job:{job_id}:done"
 JOB_RETRIES = "{prefix}:job:{job_id}:retries"
+JOB_CONFIG = "{prefix}:job:{job_id}:config"
 JOBS = "{prefix}:jobs"
 WORKERS = "{prefix}:workers"
 MOVING = "{prefix}:moving"
@@ -63,6 +64,12 @@ def job_retries(prefix: str, job_id: str) -> str:
     """Hash task_id -> JSON {attempts, error, message, worker, time, next_in_s} of files
     waiting for an automatic retry after a transient error."""
     return JOB_RETRIES.format(prefix=prefix, job_id=job_id)
+
+
+def job_config(prefix: str, job_id: str) -> str:
+    """String: the job's configuration as JSON (:class:`tasks.payloads.ConfigRecord`), which
+    its file tasks name by digest."""
+    return JOB_CONFIG.format(prefix=prefix, job_id=job_id)
 
 
 def jobs(prefix: str) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, fields
 
 from .config import Config
+from .errors import RingflowError
 
 
 class _Payload:
@@ -18,8 +21,32 @@ class _Payload:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
-    def config_obj(self) -> Config:
-        return Config.from_mapping(self.config, source=self.config_source)
+
+@dataclass(frozen=True)
+class ConfigRecord:
+    """A job's configuration as its registry stores it, once, and the digest that each file
+    task message carries instead: messages stay small whatever the configuration's size, and
+    a signed message still vouches for the configuration its worker runs with."""
+
+    text: str
+    digest: str
+
+    @classmethod
+    def of(cls, config: Config) -> ConfigRecord:
+        record = {"config": config.payload_mapping(), "source": config.source}
+        text = json.dumps(record, sort_keys=True)
+        return cls(text, hashlib.sha256(text.encode()).hexdigest())
+
+    @staticmethod
+    def load(text: str, digest: str, job_id: str) -> Config:
+        """The configuration of ``text``, once it is checked to have ``digest``."""
+        if hashlib.sha256(text.encode()).hexdigest() != digest:
+            raise RingflowError(
+                f"job {job_id}: its configuration in the registry is not the one its file "
+                "tasks name (digest differs): refused"
+            )
+        record = json.loads(text)
+        return Config.from_mapping(record["config"], source=record["source"])
 
 
 @dataclass
@@ -37,8 +64,7 @@ class FileTask(_Payload):
     n_frames: int
     scan_start: int  # row of its first frame in the scan's output
     partial: str  # where the partial result goes
-    config: dict
-    config_source: str = ""
+    config_digest: str  # of the job's ConfigRecord, which the worker reads from the registry
     monitor: list[float] | None = None
 
 
@@ -67,3 +93,6 @@ class ScanTask(_Payload):
     config: dict
     config_source: str = ""
     fingerprint: str = ""
+
+    def config_obj(self) -> Config:
+        return Config.from_mapping(self.config, source=self.config_source)

@@ -10,17 +10,26 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import redis
 
 from . import keys
+from .config import Config
+from .errors import RingflowError
+from .payloads import ConfigRecord
+
+T = TypeVar("T")
+CONFIGS_KEPT = 16  # configurations a worker process keeps, one per job it ran files of
+_configs: dict[tuple[str, str, str], Config] = {}
 
 JOB_TTL = 7 * 24 * 3600
 BROKER_WAIT_S = 40.0  # as long as publishing waits for a restarting broker (tasks.app)
 
 
-def durably(write: Callable[[], None], wait_s: float = BROKER_WAIT_S) -> None:
-    """Run ``write`` (a registry update), again while the broker restarts, up to ``wait_s``.
+def durably(write: Callable[[], T], wait_s: float = BROKER_WAIT_S) -> T:
+    """Run ``write`` (a registry update or read), again while the broker restarts, up to
+    ``wait_s``; its value.
 
     A file task's record is its end: failing it for a broker back a second later would fail
     the file's chord, and the scan, for nothing. A write repeated after a reply lost may count
@@ -30,8 +39,7 @@ def durably(write: Callable[[], None], wait_s: float = BROKER_WAIT_S) -> None:
     delay = 0.2
     while True:
         try:
-            write()
-            return
+            return write()
         except (redis.ConnectionError, redis.TimeoutError):
             if time.monotonic() + delay > deadline:
                 raise
@@ -55,12 +63,16 @@ def register_job(
     manifest: dict[str, dict],
     scans: dict[str, dict],
     ttl: int = JOB_TTL,
+    config: ConfigRecord | None = None,
 ) -> None:
-    """Store every file task and scan of the job, in one pipeline, before any of them runs.
+    """Store the job's configuration, every file task and scan of the job, in one pipeline,
+    before any of them runs.
 
     ``scans`` maps scan key -> {scan: payload, callback: chord callback task id}.
     """
     pipe = client.pipeline()
+    if config is not None:
+        pipe.set(keys.job_config(prefix, job_id), config.text, ex=ttl)
     progress = keys.job_progress(prefix, job_id)
     pipe.hset(progress, mapping={"files_done": 0, "files_failed": 0, "frames_done": 0})
     pipe.expire(progress, ttl)
@@ -73,6 +85,23 @@ def register_job(
             pipe.expire(name, ttl)
     pipe.zadd(keys.jobs(prefix), {job_id: time.time()})
     pipe.execute()
+
+
+def job_config(client, prefix: str, job_id: str, digest: str) -> Config:
+    """The configuration a file task names by ``digest``: read from the job's registry and
+    checked once per worker process and job, kept for the job's other files."""
+    key = (prefix, job_id, digest)
+    if key not in _configs:
+        raw = durably(lambda: client.get(keys.job_config(prefix, job_id)))
+        if raw is None:
+            raise RingflowError(
+                f"job {job_id}: no configuration in the registry of prefix {prefix!r} "
+                "(its records expired, or the task came from another broker)"
+            )
+        if len(_configs) >= CONFIGS_KEPT:
+            _configs.clear()
+        _configs[key] = ConfigRecord.load(text(raw), digest, job_id)
+    return _configs[key]
 
 
 def read_manifest(client, prefix: str, job_id: str) -> dict[str, dict]:

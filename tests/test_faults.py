@@ -514,6 +514,7 @@ def test_sigkill_of_a_whole_worker_is_recovered_by_the_supervisor(
 def test_a_file_task_done_twice_gives_the_same_partial(small_demo, tmp_path):
     """Redelivery is harmless: the real task body run twice on one file writes the same
     partial, bit for bit, replaced whole (a new inode, no temporary file left)."""
+    from tasks import registry
     from tasks.app import configure
     from tasks.config import Config
     from tasks.integrate import integrate_file
@@ -522,11 +523,14 @@ def test_a_file_task_done_twice_gives_the_same_partial(small_demo, tmp_path):
 
     redis = start_embedded_redis(str(tmp_path / "redis"))
     try:
-        configure(redis.url)
+        app = configure(redis.url)
         config = edit_config(
             small_demo.config, {"output": {"location": str(tmp_path / "out")}}, tmp_path / "c.ini"
         )
-        task = plan_job(Config.from_file(config)).file_tasks[0]
+        plan = plan_job(Config.from_file(config))
+        prefix, record = plan.config.queue.queue_prefix, plan.config_record
+        registry.register_job(app.backend.client, prefix, plan.job_id, {}, {}, config=record)
+        task = plan.file_tasks[0]
 
         def run_once() -> tuple[dict, int]:
             result = integrate_file.apply(args=(task.to_dict(),)).get(timeout=120)
