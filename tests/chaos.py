@@ -65,7 +65,7 @@ COMMAND_TIMEOUT_S = 150.0  # a run (or a requeue) longer than this is a hung tri
 SETTLE_S = 10.0  # what a finished command leaves has this long to go away
 RERUN = (
     "RINGFLOW_CHAOS_SEED={seed} RINGFLOW_CHAOS_TRIALS=1 "
-    "python -m pytest tests/test_chaos.py -s -k sigkill_of_any"
+    "python -m pytest tests/test_chaos.py -s -n 0 -k sigkill_of_any"
 )
 
 
@@ -640,7 +640,7 @@ SLURM_WINDOW_S = 3.0
 SLURM_GONE_S = 30.0  # after the end, squeue must stop listing the trial's jobs within this
 SLURM_RERUN = (
     "RINGFLOW_CHAOS_SLURM_SEED={seed} RINGFLOW_CHAOS_SLURM_TRIALS=1 "
-    "python -m pytest tests/test_chaos.py -s -k integrate_slurm"
+    "python -m pytest tests/test_chaos.py -s -n 0 -k integrate_slurm"
 )
 
 

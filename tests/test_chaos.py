@@ -8,7 +8,7 @@ assembly worker), and requires what a clean run gives: exit code 0 (of the run,
 or of `requeue --stranded` after the client was killed), outputs equal byte for byte, no
 process of the trial left alive, nothing but the outputs in the output folder.
 
-    RINGFLOW_CHAOS_TRIALS=200 RINGFLOW_CHAOS_SEED=7 python -m pytest tests/test_chaos.py -s
+    RINGFLOW_CHAOS_TRIALS=200 RINGFLOW_CHAOS_SEED=7 python -m pytest tests/test_chaos.py -s -n 0
 
 runs the long mode; a failing trial prints its seed, which alone reruns it
 (RINGFLOW_CHAOS_SEED=<trial seed> RINGFLOW_CHAOS_TRIALS=1). RINGFLOW_CHAOS_KINDS=a,b keeps
