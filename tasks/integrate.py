@@ -167,13 +167,21 @@ def _integrate(task: FileTask, config, client) -> int:
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
             registry.add_frames(client, task.prefix, task.job_id, task.scan_key, frames)
 
-    return integrate_to_partial(task, config, count)
+    monitor = None
+    if task.monitor_digest:
+        monitor = registry.file_monitor(
+            client, task.prefix, task.job_id, task.task_id, task.monitor_digest
+        )
+    return integrate_to_partial(task, config, count, monitor)
 
 
-def integrate_to_partial(task: FileTask, config, on_frames=None) -> int:
+def integrate_to_partial(
+    task: FileTask, config, on_frames=None, monitor: list[float] | None = None
+) -> int:
     """The file task's work without its bookkeeping: frames in, partial out (benchmarks too).
 
-    ``on_frames(n)`` is told after each batch of n frames is integrated.
+    ``on_frames(n)`` is told after each batch of n frames is integrated; ``monitor``: the
+    frames' monitor values, None for no normalisation.
     """
     from .discovery import check_monitor
     from .engine import engine_for  # pyFAI loads here, in the worker's child process
@@ -183,7 +191,7 @@ def integrate_to_partial(task: FileTask, config, on_frames=None) -> int:
     engine = engine_for(config)
     if task.n_frames == 0:
         raise InputDataError(task.path, f"no frames in {task.dataset}")
-    norms = np.ones(task.n_frames) if task.monitor is None else np.asarray(task.monitor, float)
+    norms = np.ones(task.n_frames) if monitor is None else np.asarray(monitor, float)
     check_monitor(norms, f"{task.path}: monitor")  # planning checked it; a message may be forged
     with open_frames(task.path, task.dataset, engine.shape) as dset:
         # read ahead only with more than one core: on one, a read-ahead thread only takes

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
+import json
 import os
 import time
 import uuid
@@ -35,7 +36,7 @@ from .outputs import (
     remove_leftovers,
     workspace,
 )
-from .payloads import ConfigRecord, FileTask, ScanTask, scan_ref
+from .payloads import ConfigRecord, FileTask, ScanTask, digest_of, scan_ref
 from .writers import make_dirs
 
 PUBLISH_BATCH = 500  # Redis commands pipelined per round trip when enqueueing
@@ -53,6 +54,7 @@ class JobPlan:
     warnings: list[str] = field(default_factory=list)  # inputs left out, leftovers removed
     frame_shape: tuple[int, ...] = ()  # of the first scan: sizes the engine
     discovered: list[Scan] = field(default_factory=list)  # every scan found, planned or not
+    monitors: dict[str, str] = field(default_factory=dict)  # task id -> its monitor values, JSON
 
     @property
     def file_tasks(self) -> list[FileTask]:
@@ -215,13 +217,16 @@ def _scan_payloads(plan: JobPlan, scan: Scan, output: str, fingerprint: str):
     files = []
     for index, piece in enumerate(scan.slices):
         stem = os.path.splitext(os.path.basename(piece.path))[0]
-        monitor = None
+        task_id = f"{plan.job_id}-{scan_index:04d}-{index:04d}"
+        monitor_digest = ""
         if scan.monitor is not None:
-            monitor = list(scan.monitor[piece.scan_start : piece.scan_start + piece.n_frames])
+            values = scan.monitor[piece.scan_start : piece.scan_start + piece.n_frames]
+            plan.monitors[task_id] = json.dumps([float(v) for v in values])
+            monitor_digest = digest_of(plan.monitors[task_id])
         files.append(
             FileTask(
                 job_id=plan.job_id,
-                task_id=f"{plan.job_id}-{scan_index:04d}-{index:04d}",
+                task_id=task_id,
                 prefix=prefix,
                 scan_key=scan.key,
                 index=index,
@@ -232,7 +237,7 @@ def _scan_payloads(plan: JobPlan, scan: Scan, output: str, fingerprint: str):
                 scan_start=piece.scan_start,
                 partial=os.path.join(partial_dir, f"{index:04d}_{stem}_{piece.src_start}.h5"),
                 config_digest=plan.config_record.digest,
-                monitor=monitor,
+                monitor_digest=monitor_digest,
             )
         )
     scan_task = ScanTask(
@@ -308,6 +313,11 @@ def submit(app, plan: JobPlan, slots: list[int] | None = None) -> dict[str, str]
         scans,
         plan.config.queue.job_ttl_s,
         plan.config_record,
+        {
+            task.task_id: plan.monitors[task.task_id]
+            for task in plan.file_tasks
+            if task.monitor_digest
+        },
     )
     send_chords(
         app,

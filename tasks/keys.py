@@ -14,6 +14,7 @@ JOB_SCANS = "{prefix}:job:{job_id}:scans"
 JOB_DONE = "{prefix}:job:{job_id}:done"
 JOB_RETRIES = "{prefix}:job:{job_id}:retries"
 JOB_CONFIG = "{prefix}:job:{job_id}:config"
+JOB_MONITORS = "{prefix}:job:{job_id}:monitors"
 JOBS = "{prefix}:jobs"
 WORKERS = "{prefix}:workers"
 MOVING = "{prefix}:moving"
@@ -70,6 +71,12 @@ def job_config(prefix: str, job_id: str) -> str:
     """String: the job's configuration as JSON (:class:`tasks.payloads.ConfigRecord`), which
     its file tasks name by digest."""
     return JOB_CONFIG.format(prefix=prefix, job_id=job_id)
+
+
+def job_monitors(prefix: str, job_id: str) -> str:
+    """Hash task_id -> JSON list of the monitor values of the file's frames, which its file
+    task names by digest."""
+    return JOB_MONITORS.format(prefix=prefix, job_id=job_id)
 
 
 def jobs(prefix: str) -> str:

@@ -35,12 +35,12 @@ class ConfigRecord:
     def of(cls, config: Config) -> ConfigRecord:
         record = {"config": config.payload_mapping(), "source": config.source}
         text = json.dumps(record, sort_keys=True)
-        return cls(text, hashlib.sha256(text.encode()).hexdigest())
+        return cls(text, digest_of(text))
 
     @staticmethod
     def load(text: str, digest: str, job_id: str) -> Config:
         """The configuration of ``text``, once it is checked to have ``digest``."""
-        if hashlib.sha256(text.encode()).hexdigest() != digest:
+        if digest_of(text) != digest:
             raise RingflowError(
                 f"job {job_id}: its configuration in the registry is not the one its file "
                 "tasks name (digest differs): refused"
@@ -65,7 +65,12 @@ class FileTask(_Payload):
     scan_start: int  # row of its first frame in the scan's output
     partial: str  # where the partial result goes
     config_digest: str  # of the job's ConfigRecord, which the worker reads from the registry
-    monitor: list[float] | None = None
+    monitor_digest: str = ""  # of its frames' monitor values (registry), "" for none
+
+
+def digest_of(text: str) -> str:
+    """SHA-256 of ``text``: what a message carries of a record it names in the registry."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def scan_ref(prefix: str, job_id: str, scan_key: str) -> dict:

@@ -17,7 +17,7 @@ import redis
 from . import keys
 from .config import Config
 from .errors import RingflowError
-from .payloads import ConfigRecord
+from .payloads import ConfigRecord, digest_of
 
 T = TypeVar("T")
 CONFIGS_KEPT = 16  # configurations a worker process keeps, one per job it ran files of
@@ -64,15 +64,20 @@ def register_job(
     scans: dict[str, dict],
     ttl: int = JOB_TTL,
     config: ConfigRecord | None = None,
+    monitors: dict[str, str] | None = None,
 ) -> None:
-    """Store the job's configuration, every file task and scan of the job, in one pipeline,
-    before any of them runs.
+    """Store the job's configuration, every file task and scan of the job and the files'
+    monitor values, in one pipeline, before any of them runs.
 
-    ``scans`` maps scan key -> {scan: payload, callback: chord callback task id}.
+    ``scans`` maps scan key -> {scan: payload, callback: chord callback task id};
+    ``monitors`` task id -> JSON list of its frames' monitor values.
     """
     pipe = client.pipeline()
     if config is not None:
         pipe.set(keys.job_config(prefix, job_id), config.text, ex=ttl)
+    if monitors:
+        pipe.hset(keys.job_monitors(prefix, job_id), mapping=monitors)
+        pipe.expire(keys.job_monitors(prefix, job_id), ttl)
     progress = keys.job_progress(prefix, job_id)
     pipe.hset(progress, mapping={"files_done": 0, "files_failed": 0, "frames_done": 0})
     pipe.expire(progress, ttl)
@@ -102,6 +107,22 @@ def job_config(client, prefix: str, job_id: str, digest: str) -> Config:
             _configs.clear()
         _configs[key] = ConfigRecord.load(text(raw), digest, job_id)
     return _configs[key]
+
+
+def file_monitor(client, prefix: str, job_id: str, task_id: str, digest: str) -> list[float]:
+    """The monitor values of a file task's frames, which it names by ``digest``."""
+    raw = durably(lambda: client.hget(keys.job_monitors(prefix, job_id), task_id))
+    if raw is None:
+        raise RingflowError(
+            f"job {job_id}: no monitor values of file task {task_id} in the registry"
+        )
+    values = text(raw)
+    if digest_of(values) != digest:
+        raise RingflowError(
+            f"job {job_id}: the monitor values of file task {task_id} in the registry are not "
+            "those its message names (digest differs): refused"
+        )
+    return json.loads(values)
 
 
 def read_manifest(client, prefix: str, job_id: str) -> dict[str, dict]:

@@ -529,7 +529,9 @@ def test_a_file_task_done_twice_gives_the_same_partial(small_demo, tmp_path):
         )
         plan = plan_job(Config.from_file(config))
         prefix, record = plan.config.queue.queue_prefix, plan.config_record
-        registry.register_job(app.backend.client, prefix, plan.job_id, {}, {}, config=record)
+        registry.register_job(
+            app.backend.client, prefix, plan.job_id, {}, {}, config=record, monitors=plan.monitors
+        )
         task = plan.file_tasks[0]
 
         def run_once() -> tuple[dict, int]:

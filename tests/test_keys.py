@@ -12,6 +12,7 @@ def test_key_templates_are_pinned():
     assert keys.job_done("ringflow", "abc") == "ringflow:job:abc:done"
     assert keys.job_retries("ringflow", "abc") == "ringflow:job:abc:retries"
     assert keys.job_config("ringflow", "abc") == "ringflow:job:abc:config"
+    assert keys.job_monitors("ringflow", "abc") == "ringflow:job:abc:monitors"
     assert keys.jobs("bl") == "bl:jobs"
     assert keys.workers("bl") == "bl:workers"
     assert keys.moving("bl") == "bl:moving"

@@ -1,5 +1,6 @@
-"""File task messages name the job's configuration by digest: small whatever the
-configuration's size, and a worker runs with no configuration but the one they name."""
+"""File task messages name the job's configuration and their frames' monitor values by
+digest: small whatever the configuration's size, and a worker runs with no configuration or
+monitor values but the ones they name."""
 
 from __future__ import annotations
 
@@ -80,6 +81,14 @@ def test_queued_messages_are_small_and_name_the_registered_configuration(small_d
         client.delete(name)
         with pytest.raises(RingflowError, match="no configuration in the registry"):
             registry.job_config(client, prefix, plan.job_id, digest)
+        task = plan.file_tasks[0]  # the demo normalises by a monitor: its values by digest too
+        values = registry.file_monitor(
+            client, prefix, task.job_id, task.task_id, task.monitor_digest
+        )
+        assert values == json.loads(plan.monitors[task.task_id]) and len(values) == task.n_frames
+        client.hset(keys.job_monitors(prefix, plan.job_id), task.task_id, json.dumps([1.0] * 4))
+        with pytest.raises(RingflowError, match="not those its message names"):
+            registry.file_monitor(client, prefix, task.job_id, task.task_id, task.monitor_digest)
     finally:
         registry._configs.clear()
         stale = list(client.scan_iter(f"{prefix}*")) + list(client.scan_iter(f"_kombu*{prefix}*"))
