@@ -18,7 +18,7 @@ Two figures, each against its target on 2 cores:
    body). Target: <= 50 ms/file.
 2. Enqueue 10,000 file tasks: ``submit(app, plan)`` (job registration and one chord per scan of
    100 files) against a real Redis from ``start_embedded_redis`` (AOF on, as ``ringflow
-   run``), no worker. The payloads are those of a real plan (50-frame files, so each carries
+   run``), no worker. The payloads are those of a real plan (50-frame files, so each registers
    its 50 monitor values), repeated with their own ids, paths and partials. ``--short``
    enqueues 2,000 and reports 5 x its time, labelled as extrapolated. Target: <= 10 s.
 
@@ -321,8 +321,9 @@ def write_enqueue_dataset(root: str) -> str:
 def synthetic_plan(base, n_tasks: int):
     """``n_tasks`` file tasks in scans of ENQUEUE_FILES_PER_SCAN, ids as plan_job makes them.
 
-    Each file task is a copy of one of ``base``'s (same config mapping, same monitor
-    length) with its own task id, scan, index, first row and partial path.
+    Each file task is a copy of one of ``base``'s (same configuration, same monitor values,
+    registered under its own id) with its own task id, scan, index, first row and partial
+    path.
     """
     from tasks.jobs import JobPlan
 
@@ -334,10 +335,13 @@ def synthetic_plan(base, n_tasks: int):
         files = []
         for i in range(count):
             model = files0[i % len(files0)]
+            task_id = f"{base.job_id}-{s:04d}-{i:04d}"
+            if model.monitor_digest:
+                plan.monitors[task_id] = base.monitors[model.task_id]
             files.append(
                 replace(
                     model,
-                    task_id=f"{base.job_id}-{s:04d}-{i:04d}",
+                    task_id=task_id,
                     scan_key=key,
                     index=i,
                     scan_start=i * model.n_frames,
