@@ -45,14 +45,19 @@ def redis_url() -> str:
 def require_slurm() -> None:
     if not shutil.which("sbatch"):
         unavailable("SLURM is not installed: run `bash .ci/slurm-up` as root")
-    try:
-        states = subprocess.run(
-            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20
-        ).stdout.split()
-    except subprocess.SubprocessError as exc:
-        unavailable(f"sinfo failed ({exc}): run `bash .ci/slurm-up`")
-    if not any(s in ("idle", "mixed", "allocated") for s in states):
-        unavailable(f"no usable SLURM node (sinfo: {states}): run `bash .ci/slurm-up`")
+    deadline = time.monotonic() + 60  # "completing": the last test's jobs are still ending
+    while True:
+        try:
+            states = subprocess.run(
+                ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20
+            ).stdout.split()
+        except subprocess.SubprocessError as exc:
+            unavailable(f"sinfo failed ({exc}): run `bash .ci/slurm-up`")
+        if any(s in ("idle", "mixed", "allocated") for s in states):
+            return
+        if "completing" not in states or time.monotonic() > deadline:
+            unavailable(f"no usable SLURM node (sinfo: {states}): run `bash .ci/slurm-up`")
+        time.sleep(1.0)
 
 
 def unique_prefix(name: str) -> str:
