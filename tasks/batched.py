@@ -64,6 +64,56 @@ class Preprocessing:
     empty: float
 
 
+@dataclass(frozen=True)
+class BatchInputs:
+    """What pyFAI gives a batch integrator, before a frame type's dummy is known: its CSR
+    matrix (bins x pixels) and the per-pixel arrays of its preprocessing, flattened float32.
+    Plain arrays, so an engine can keep them on disk and rebuild without pyFAI."""
+
+    data: np.ndarray  # the CSR matrix's coefficients, column indices and row pointers
+    indices: np.ndarray
+    indptr: np.ndarray
+    pixels: int
+    dark: np.ndarray | None
+    flat: np.ndarray | None  # for the dummy test only: it is in ``normalization`` already
+    normalization: np.ndarray  # flat x polarization x solid angle x absorption
+    dark_variance: np.ndarray | None
+    poisson: bool
+    empty: float
+    out_shape: tuple[int, ...]
+
+    def matrix(self) -> sp.csr_matrix:
+        shape = (len(self.indptr) - 1, self.pixels)
+        return sp.csr_matrix((self.data, self.indices, self.indptr), shape=shape)
+
+
+def batcher_for(
+    inputs: BatchInputs,
+    dummy: float | None,
+    delta: float | None,
+    threads: int,
+    fused: bool | None = None,
+) -> BatchIntegrator:
+    """The batch integrator of frames whose dummy (pyFAI's, from their dtype) is ``dummy``:
+    pyFAI leaves out pixels whose dark or flat equals it."""
+    norm = np.array(inputs.normalization, dtype=np.float32)
+    if dummy is not None:
+        for image in (inputs.dark, inputs.flat):
+            if image is not None:
+                hit = np.abs(np.asarray(image, np.float32) - np.float32(dummy))
+                norm[hit <= np.float32(delta or 0.0)] = 0
+    prep = Preprocessing(
+        dark=inputs.dark,
+        normalization=norm,
+        dark_variance=inputs.dark_variance,
+        dummy=dummy,
+        delta_dummy=delta,
+        poisson=inputs.poisson,
+        empty=inputs.empty,
+    )
+    return BatchIntegrator(inputs.matrix(), prep, inputs.out_shape, threads, fused)
+
+
 class BatchIntegrator:
     """One CSR matrix (bins x pixels), its square, and a thread pool to apply them."""
 

@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 
 from . import kernels
-from .batched import BatchIntegrator, BatchResult, Preprocessing
+from .batched import BatchInputs, BatchIntegrator, BatchResult, batcher_for
 from .config import COMMON_UNITS, Config, ConfigError, IntegrationConfig
+from .engine_cache import CachedEngine, worker_cache
 from .errors import InputDataError
 from .readers import RING, read_image
 
@@ -209,6 +209,19 @@ def engine_threads(config: Config) -> int:
     )
 
 
+def frames_per_batch(engine, itemsize: int, buffers: int = RING) -> int:
+    """Frames per batch so that an engine's batches fit ``engine_memory_mb``: the reader's
+    ``buffers`` raw batches (a ring when it reads ahead, else one), the per-bin sums and
+    results, and the scipy path's float32 (pixels x frames) signal and variance (the
+    fused kernel needs neither)."""
+    pixels = int(np.prod(engine.shape))
+    bins = int(np.prod(engine.row_shape))
+    fused = kernels.available() if engine.fused is None else engine.fused
+    transposed = 0 if fused else 4 + 4 * engine.has_sigma
+    per_frame = pixels * (buffers * itemsize + transposed) + bins * 4 * 8
+    return int(max(1, min(MAX_BATCH, engine.memory // per_frame)))
+
+
 class Engine:
     """Integrates frames with one configuration; cheap to call once built.
 
@@ -377,16 +390,7 @@ class Engine:
         return config.as_dict()
 
     def batch_size(self, itemsize: int, buffers: int = RING) -> int:
-        """Frames per batch so that an engine's batches fit ``engine_memory_mb``: the reader's
-        ``buffers`` raw batches (a ring when it reads ahead, else one), the per-bin sums and
-        results, and the scipy path's float32 (pixels x frames) signal and variance (the
-        fused kernel needs neither)."""
-        pixels = int(np.prod(self.shape))
-        bins = int(np.prod(self.row_shape))
-        fused = kernels.available() if self.fused is None else self.fused
-        transposed = 0 if fused else 4 + 4 * self.has_sigma
-        per_frame = pixels * (buffers * itemsize + transposed) + bins * 4 * 8
-        return int(max(1, min(MAX_BATCH, self.memory // per_frame)))
+        return frames_per_batch(self, itemsize, buffers)
 
     def integrate_batch(self, frames: np.ndarray, monitor: np.ndarray) -> BatchResult:
         """Integrate ``frames`` (n, *shape), frame k divided by ``monitor[k]``, in order."""
@@ -432,10 +436,15 @@ class Engine:
         return self._batchers[key]
 
     def _build_batcher(self, dummy: float | None, delta: float | None) -> BatchIntegrator:
+        return batcher_for(self.batch_inputs, dummy, delta, self.threads, self.fused)
+
+    @functools.cached_property
+    def batch_inputs(self) -> BatchInputs:
+        """pyFAI's CSR matrix of this configuration and the per-pixel arrays of its
+        preprocessing (what :class:`tasks.engine_cache.EngineCache` keeps on disk)."""
         c, kw, shape = self.config, self.kwargs, self.shape
         method, csr = self._csr()
         data, indices, indptr = csr.lut
-        matrix = sp.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, csr.size))
         dark = kw["dark"] if kw["dark"] is not None else self.ai.detector.darkcurrent
         norm = np.ones(int(np.prod(shape)), dtype=np.float32)
         factors = [kw["flat"]]
@@ -447,24 +456,20 @@ class Engine:
         for factor in factors:
             if factor is not None:
                 norm *= np.ascontiguousarray(factor, dtype=np.float32).ravel()
-        if dummy is not None:  # pyFAI leaves out pixels whose dark or flat is the dummy
-            for image in (dark, kw["flat"]):
-                if image is not None:
-                    hit = np.abs(np.asarray(image, np.float32).ravel() - np.float32(dummy))
-                    norm[hit <= np.float32(delta or 0.0)] = 0
-        model = (c.error_model or "none").lower()
-        poisson = model in ("poisson", "hybrid")
-        prep = Preprocessing(
-            dark=None if dark is None else np.ascontiguousarray(dark, np.float32).ravel(),
+        poisson = (c.error_model or "none").lower() in ("poisson", "hybrid")
+        return BatchInputs(
+            data=np.asarray(data),
+            indices=np.asarray(indices),
+            indptr=np.asarray(indptr),
+            pixels=int(csr.size),
+            dark=_flat32(dark),
+            flat=_flat32(kw["flat"]),
             normalization=norm,
             dark_variance=self._dark_variance(method) if poisson else None,
-            dummy=dummy,
-            delta_dummy=delta,
             poisson=poisson,
             empty=float(self.ai._empty),
+            out_shape=self.row_shape,
         )
-        out = (c.n_slices, c.n_pts) if self.is_2d else (c.n_pts,)
-        return BatchIntegrator(matrix, prep, out, self.threads, self.fused)
 
     def _dark_variance(self, method) -> np.ndarray | None:
         """``max(dark, 0)`` per pixel where pyFAI adds the given dark to the Poisson variance
@@ -484,6 +489,10 @@ class Engine:
         if self.is_2d:
             return np.asarray(res.radial), np.asarray(res.azimuthal)
         return np.asarray(res.radial), None
+
+
+def _flat32(image) -> np.ndarray | None:
+    return None if image is None else np.ascontiguousarray(image, np.float32).ravel()
 
 
 class OutOfMemory(Exception):
@@ -590,7 +599,7 @@ class Corrector:
         return corrected, flags
 
 
-_ENGINES: dict[str, Engine] = {}
+_ENGINES: dict[str, Engine | CachedEngine] = {}
 # configuration -> (when, why) its engine could not be built; forgotten after FAILED_FOR s,
 # so a long-lived worker tries again once the memory another job held is free
 _FAILED: dict[str, tuple[float, ConfigError]] = {}
@@ -608,7 +617,7 @@ def warm_engine(config: Config) -> None:
                 engine.integrate_batch(np.zeros((1, *engine.shape), np.int32), np.ones(1))
 
 
-def engine_for(config: Config) -> Engine:
+def engine_for(config: Config) -> Engine | CachedEngine:
     """This process's engine for ``config``, built on first use (a task asking while the
     start-up warm-up builds it waits for that build).
 
@@ -622,11 +631,22 @@ def engine_for(config: Config) -> Engine:
         if error is not None and time.monotonic() - when < FAILED_FOR:
             raise error
         if key not in _ENGINES:
-            log.info("building pyFAI engine %s in pid %d", key, os.getpid())
             _ENGINES.clear()  # one configuration at a time: engines hold large CSR matrices
-            with _out_of_memory(config, key):
-                _ENGINES[key] = Engine(config)
+            _ENGINES[key] = _cached_or_built(config, key)
         return _ENGINES[key]
+
+
+def _cached_or_built(config: Config, key: str) -> Engine | CachedEngine:
+    """The job's cached engine if there is one, else a new one (kept for the next process)."""
+    cache = worker_cache()
+    with _out_of_memory(config, key):
+        engine = cache.load(config) if cache else None
+        if engine is None:
+            log.info("building pyFAI engine %s in pid %d", key, os.getpid())
+            engine = Engine(config)
+            if cache:
+                cache.save(config, engine)
+    return engine
 
 
 @contextlib.contextmanager

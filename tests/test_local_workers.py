@@ -147,6 +147,24 @@ def test_opencl_with_cpu_fallback_runs_pyfais_opencl_engine(small_demo, tmp_path
 
 
 @pytest.mark.service
+def test_a_later_run_loads_the_engine_the_first_kept(small_demo, tmp_path, cython_run):
+    """The first run's engine builds pyFAI's matrix and keeps it in the workspace; the next
+    run's engines load it instead of building, and integrate the same numbers."""
+    logs = tmp_path / "out" / ".ringflow" / "logs"
+    _, first = run_demo(small_demo, tmp_path, "out")
+    first_logs = {p: p.read_text() for p in logs.glob("worker-gpu0-*.log")}
+    assert any("engine kept in cache" in text for text in first_logs.values())
+    _, second = run_demo(small_demo, tmp_path, "out")
+    (log,) = [p.read_text() for p in logs.glob("worker-gpu0-*.log") if p not in first_logs]
+    assert "engine loaded from cache" in log and "building pyFAI engine" not in log, log[-3000:]
+    reference = cython_run[2]
+    for path in second["outputs"]:
+        got, ref = integrated(path), reference[Path(path).name]
+        np.testing.assert_array_equal(got["I"], ref["I"])
+        np.testing.assert_array_equal(got["I_errors"], ref["I_errors"])
+
+
+@pytest.mark.service
 def test_workers_local_says_each_note_once(small_demo, tmp_path):
     url, prefix = redis_url(), unique_prefix("wlnote")
     config = edit_config(
