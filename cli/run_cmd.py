@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -74,20 +75,34 @@ def plan_or_fail(config: Config, check_device: bool) -> JobPlan:
     ``check_device``: this machine integrates (``ringflow run``'s one local CPU worker): say
     how its workers will run here (:func:`say_local_notes`).
     """
-    from tasks.engine import load_corrections, load_geometry
-
     try:
-        ai = load_geometry(config.integration)  # light: no integration runs in this process
-        load_corrections(config.integration, ai.detector.shape)
+        shape = checked_detector_shape(config)
         if check_device:
             say_local_notes(config, [])
-        plan = plan_job(config, detector_shape=tuple(ai.detector.shape))
+        plan = plan_job(config, detector_shape=shape)
         for warning in plan.warnings:  # inputs left out, leftovers removed
             say("warning", warning)
         check_plan(plan)
     except RingflowError as exc:
         fail(exc, EXIT_USAGE)
     return plan
+
+
+def checked_detector_shape(config: Config) -> tuple[int, ...]:
+    """The detector's shape, once the geometry and corrections are checked: by pyFAI, or by
+    the engine cached in the workspace (built from these very files, dates and sizes
+    included), which spares this process pyFAI's imports while the workers start."""
+    from tasks.engine_cache import workspace_cache
+
+    with contextlib.suppress(RingflowError):  # no workspace yet: pyFAI checks, as below
+        cached = workspace_cache(config).shape_of(config)
+        if cached is not None:
+            return cached
+    from tasks.engine import load_corrections, load_geometry
+
+    ai = load_geometry(config.integration)  # light: no integration runs in this process
+    load_corrections(config.integration, ai.detector.shape)
+    return tuple(ai.detector.shape)
 
 
 def say_local_notes(config: Config, gpus: list[str]) -> None:

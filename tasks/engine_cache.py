@@ -77,6 +77,14 @@ def worker_cache() -> EngineCache | None:
     return EngineCache(os.path.join(os.path.dirname(roots.partials[0]), ENGINES_FOLDER))
 
 
+def workspace_cache(config: Config) -> EngineCache:
+    """The cache of ``config``'s workspace, as the client finds it (the workers find the same
+    folder from their write roots)."""
+    from .outputs import workspace
+
+    return EngineCache(os.path.join(workspace(config), ENGINES_FOLDER))
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """What a batched engine needs besides its arrays, as JSON."""
@@ -146,6 +154,18 @@ class EngineCache:
 
     def __init__(self, folder: str):
         self.folder = folder
+
+    def holds(self, config: Config) -> bool:
+        return os.path.isfile(os.path.join(self.folder, cache_key(config), "meta.json"))
+
+    def shape_of(self, config: Config) -> tuple[int, ...] | None:
+        """The detector shape of ``config``'s entry; None without a readable one."""
+        try:
+            with open(os.path.join(self.folder, cache_key(config), "meta.json")) as src:
+                meta = json.load(src)
+            return tuple(int(n) for n in meta["shape"]) if meta["format"] == FORMAT else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def load(self, config: Config) -> CachedEngine | None:
         """The cached engine of ``config``, or None (absent, or unreadable: rebuilt)."""

@@ -36,18 +36,33 @@ from .payloads import FileTask
 
 log = logging.getLogger(__name__)
 WARM_CONFIG_ENV = "RINGFLOW_WARM_CONFIG"  # the job's INI: processes build its engine at start
-# imported by the worker before it forks its processes: the slow, OpenCL-free part of pyFAI's
+# imported by the worker before it forks its processes: what a batched engine loaded from
+# the cache uses, and for an engine built from pyFAI the slow, OpenCL-free part of pyFAI's
 # imports (scipy.signal parses hundreds of docstrings), paid once instead of in each process
-PRELOAD = ("scipy.signal", "scipy.stats", "scipy.sparse", "h5py", "hdf5plugin", "numba")
+PRELOAD_CACHED = ("scipy.sparse", "h5py", "hdf5plugin", "numba")
+PRELOAD = ("scipy.signal", "scipy.stats", *PRELOAD_CACHED)
 
 
 @worker_init.connect
 def _preload(**_) -> None:
-    if not os.environ.get(WARM_CONFIG_ENV):
+    path = os.environ.get(WARM_CONFIG_ENV)
+    if not path:
         return
-    for module in PRELOAD:
+    for module in PRELOAD_CACHED if _engine_cached(path) else PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
+
+
+def _engine_cached(path: str) -> bool:
+    """The job's engine is in its workspace's cache: its processes will not import pyFAI."""
+    from .config import Config
+    from .engine_cache import worker_cache
+
+    try:
+        cache = worker_cache()
+        return cache is not None and cache.holds(Config.from_file(path))
+    except (RingflowError, OSError):  # the engine build reports what is wrong
+        return False
 
 
 @worker_process_init.connect
