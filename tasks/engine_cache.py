@@ -229,15 +229,25 @@ class EngineCache:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _private(path: str, mode: str = "wb"):
+    """A new file only its user can read, as everything in the workspace."""
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), mode)
+
+
+def _save(folder: str, name: str, array: np.ndarray) -> None:
+    with _private(os.path.join(folder, f"{name}.npy")) as out:
+        np.save(out, array, allow_pickle=False)
+
+
 def _write_entry(folder: str, engine: Engine) -> None:
     inputs = engine.batch_inputs
     for name in _ARRAYS:
         array = getattr(inputs, name)
         if array is not None:
-            np.save(os.path.join(folder, f"{name}.npy"), array, allow_pickle=False)
-    np.save(os.path.join(folder, "radial.npy"), engine.radial, allow_pickle=False)
+            _save(folder, name, array)
+    _save(folder, "radial", engine.radial)
     if engine.azimuthal is not None:
-        np.save(os.path.join(folder, "azimuthal.npy"), engine.azimuthal, allow_pickle=False)
+        _save(folder, "azimuthal", engine.azimuthal)
     detector = engine.ai.detector
     dummies = {}
     for dtype in DTYPES:
@@ -258,7 +268,7 @@ def _write_entry(folder: str, engine: Engine) -> None:
         is_2d=engine.is_2d,
     )
     meta = {f.name: getattr(snapshot, f.name) for f in fields(Snapshot)} | {"format": FORMAT}
-    with open(os.path.join(folder, "meta.json"), "w") as out:
+    with _private(os.path.join(folder, "meta.json"), "w") as out:
         json.dump(meta, out)
 
 
