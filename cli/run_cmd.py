@@ -20,6 +20,7 @@ from .common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    exit_interrupted,
     fail,
     load_config,
     say,
@@ -38,6 +39,8 @@ def run(
     Example: ringflow run my.ini
     """
     code = execute(load_config(config), as_json)
+    if code == EXIT_INTERRUPTED:
+        exit_interrupted()
     raise typer.Exit(code)
 
 
@@ -76,7 +79,7 @@ def plan_or_fail(config: Config, check_device: bool) -> JobPlan:
     how its workers will run here (:func:`say_local_notes`).
     """
     try:
-        shape = checked_detector_shape(config)
+        shape = checked_detector_shape(config, build_ahead=check_device)
         if check_device:
             say_local_notes(config, [])
         plan = plan_job(config, detector_shape=shape)
@@ -88,19 +91,40 @@ def plan_or_fail(config: Config, check_device: bool) -> JobPlan:
     return plan
 
 
-def checked_detector_shape(config: Config) -> tuple[int, ...]:
+def checked_detector_shape(config: Config, build_ahead: bool = False) -> tuple[int, ...]:
     """The detector's shape, once the geometry and corrections are checked: by pyFAI, or by
     the engine cached in the workspace (built from these very files, dates and sizes
-    included), which spares this process pyFAI's imports while the workers start."""
-    from tasks.engine_cache import workspace_cache
+    included), which spares this process pyFAI's imports while the workers start.
 
+    ``build_ahead`` (``ringflow run``, whose workers are this machine's): without a cached
+    engine, build it here while the workers start, once, instead of in each of their
+    processes; they wait for it (:meth:`tasks.engine_cache.EngineCache.building`).
+    """
+    from tasks import engine_cache
+
+    cache = None
     with contextlib.suppress(RingflowError):  # no workspace yet: pyFAI checks, as below
-        cached = workspace_cache(config).shape_of(config)
+        cache = engine_cache.workspace_cache(config)
+        cached = cache.shape_of(config)
         if cached is not None:
             return cached
+    if not (build_ahead and cache is not None and engine_cache.batchable(config)):
+        return _shape_from_pyfai(config)
+    from tasks.engine import check_engine_fits
+
+    with cache.building(config) as mine:
+        shape = _shape_from_pyfai(config)
+        with contextlib.suppress(RingflowError):  # too big: planning says so, nothing built
+            check_engine_fits(config, shape)
+            if mine:
+                engine_cache.build_ahead(config, cache)
+    return shape
+
+
+def _shape_from_pyfai(config: Config) -> tuple[int, ...]:
     from tasks.engine import load_corrections, load_geometry
 
-    ai = load_geometry(config.integration)  # light: no integration runs in this process
+    ai = load_geometry(config.integration)
     load_corrections(config.integration, ai.detector.shape)
     return tuple(ai.detector.shape)
 

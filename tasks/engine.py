@@ -641,6 +641,8 @@ def _cached_or_built(config: Config, key: str) -> Engine | CachedEngine:
     cache = worker_cache()
     with _out_of_memory(config, key):
         engine = cache.load(config) if cache else None
+        if engine is None and cache and cache.wait_for_builder(config):
+            engine = cache.load(config)  # the client built it while this process started
         if engine is None:
             log.info("building pyFAI engine %s in pid %d", key, os.getpid())
             engine = Engine(config)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1  # bump when an entry's content changes meaning
 KEEP = 4  # entries kept per workspace, newest first
 STALE_SECONDS = 600.0  # a temporary folder this old belongs to a writer that died
+BUILD_WAIT = 120.0  # seconds an engine process waits for another process's build at most
 ENGINES_FOLDER = "engines"  # beside <workspace>/partials
 # frame types whose pyFAI dummy is recorded: Lima's integers and floats
 DTYPES = tuple(
@@ -60,6 +61,33 @@ def cache_key(config: Config) -> str:
         "format": FORMAT,
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def batchable(config: Config) -> bool:
+    """The configuration's engine is a batched one, as far as the configuration tells (pyFAI
+    may still build no CSR matrix): cython CSR, no trimming, an error model a batch keeps."""
+    c = config.integration
+    return (
+        not c.trim_method
+        and c.ai_method == "cython"
+        and (c.error_model or "none").lower() in ("none", "poisson", "hybrid")
+    )
+
+
+def build_ahead(config: Config, cache: EngineCache) -> str | None:
+    """Build ``config``'s engine in this process and keep it, for engine processes that start
+    meanwhile (see :meth:`EngineCache.building`); the entry's path, or None.
+
+    An optimisation only: whatever fails here is left to the engines, which build their own
+    and report it per file.
+    """
+    from .engine import Engine
+
+    try:
+        return cache.save(config, Engine(config, threads=1))
+    except Exception as exc:  # noqa: BLE001  (the engines report it, per file)
+        log.info("engine not built ahead: %s", exc)
+        return None
 
 
 def worker_cache() -> EngineCache | None:
@@ -155,6 +183,48 @@ class EngineCache:
     def __init__(self, folder: str):
         self.folder = folder
 
+    def _marker(self, config: Config) -> str:
+        return os.path.join(self.folder, f".{cache_key(config)}.building")
+
+    @contextlib.contextmanager
+    def building(self, config: Config):
+        """This process builds ``config``'s entry: engine processes starting meanwhile wait
+        for it (:meth:`wait_for_builder`) instead of each building the same matrix. Yields
+        False, and marks nothing, if another live process is building it."""
+        path = self._marker(config)
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        if _builder_pid(path) is not None and not _alive(_builder_pid(path)):
+            with contextlib.suppress(OSError):
+                os.remove(path)  # its builder died
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            yield False
+            return
+        with os.fdopen(fd, "w") as out:
+            out.write(str(os.getpid()))
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+    def wait_for_builder(self, config: Config, timeout: float = BUILD_WAIT) -> bool:
+        """Wait while a live process builds ``config``'s entry (``timeout`` at most); whether
+        the entry is there."""
+        path = self._marker(config)
+        deadline = time.monotonic() + timeout
+        waited = False
+        while time.monotonic() < deadline:
+            pid = _builder_pid(path)
+            if pid is None or not _alive(pid):
+                break
+            waited = True
+            time.sleep(0.05)
+        if waited:
+            log.info("waited for process building the engine in %s", self.folder)
+        return self.holds(config)
+
     def holds(self, config: Config) -> bool:
         return os.path.isfile(os.path.join(self.folder, cache_key(config), "meta.json"))
 
@@ -217,6 +287,11 @@ class EngineCache:
                 with contextlib.suppress(OSError):
                     if now - os.path.getmtime(path) > STALE_SECONDS:
                         shutil.rmtree(path)
+            elif name.startswith(".") and name.endswith(".building"):
+                pid = _builder_pid(path)
+                if pid is None or not _alive(pid):  # its builder died
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
 
     def _keep_newest(self) -> None:
         entries = []
@@ -227,6 +302,24 @@ class EngineCache:
                     entries.append((os.path.getmtime(path), path))
         for _, path in sorted(entries, reverse=True)[KEEP:]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _builder_pid(marker: str) -> int | None:
+    try:
+        with open(marker) as src:
+            return int(src.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _private(path: str, mode: str = "wb"):

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -151,3 +152,37 @@ def test_a_worker_caches_beside_its_partials(monkeypatch, tmp_path):
 def test_config_round_trips_for_the_subprocess(setup):  # noqa: F811
     config = setup[0]
     assert Config.from_mapping(config.as_mapping()).integration == config.integration
+
+
+def test_an_engine_process_waits_for_the_builder(setup, tmp_path):  # noqa: F811
+    """While a live process builds the entry, another waits for it, then loads it."""
+    config = setup[0]
+    cache = EngineCache(str(tmp_path))
+    found: list[bool] = []
+    with cache.building(config) as mine:
+        assert mine
+        with cache.building(config) as again:
+            assert not again  # one builder at a time
+        waiter = threading.Thread(target=lambda: found.append(cache.wait_for_builder(config)))
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive() and not found  # still waiting
+        cache.save(config, Engine(config, threads=1))
+    waiter.join(30)
+    assert found == [True]
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".building")]
+
+
+def test_a_dead_builder_is_not_waited_for(setup, tmp_path):  # noqa: F811
+    config = setup[0]
+    cache = EngineCache(str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    marker = tmp_path / f".{cache_key(config)}.building"
+    marker.write_text(str(dead.pid))
+    started = time.monotonic()
+    assert cache.wait_for_builder(config, timeout=30) is False
+    assert time.monotonic() - started < 5
+    with cache.building(config) as mine:
+        assert mine and marker.read_text() == str(os.getpid())
+    assert not marker.exists()
