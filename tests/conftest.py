@@ -138,10 +138,11 @@ def small_demo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def long_files(tmp_path_factory):
-    """1 scan x 2 Lima files x 100 frames, and its output from a clean `ringflow run`: a file
-    takes seconds (engine build included), long enough to kill a worker mid-file."""
+    """1 scan x 2 Lima files x 300 frames, and its output from a clean `ringflow run`: a file
+    takes seconds even with its engine loaded from the workspace's cache, long enough to
+    kill a worker mid-file."""
     root = tmp_path_factory.mktemp("long")
-    demo = write_demo(DemoSpec(str(root), scans=1, files_per_scan=2, frames_per_file=100))
+    demo = write_demo(DemoSpec(str(root), scans=1, files_per_scan=2, frames_per_file=300))
     clean = edit_config(demo.config, {"output": {"location": str(root / "clean")}}, root / "c.ini")
     result = run_cli("run", clean, "--json")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -177,7 +177,7 @@ def test_sigkill_of_a_worker_child_mid_file_redoes_that_file(long_files, tmp_pat
     assert run.returncode == 0, stderr[-3000:]
     summary = last_json(stdout)
     assert summary["files_done"] == 2 and summary["files_failed"] == []
-    assert summary["frames"] == 200  # the redone file counted once
+    assert summary["frames"] == 600  # the redone file counted once
     assert_same_scan(summary["outputs"][0], clean_output)
     logs = "".join(p.read_text() for p in (tmp_path / "out").rglob("worker-gpu0-*.log"))
     assert "WorkerLostError('Worker exited prematurely: signal 9 (SIGKILL)" in logs  # mid-task
