@@ -11,7 +11,7 @@ import typer
 from worker_launcher.flower import broker_to_watch, flower_command
 from worker_launcher.watch import raise_if_stopped
 
-from .common import EXIT_INTERRUPTED, load_config, say, user_errors
+from .common import exit_interrupted, load_config, say, user_errors
 from .run_cmd import ignore_further_interrupts, install_interrupt_handlers
 
 
@@ -62,5 +62,5 @@ def flower(
         except subprocess.TimeoutExpired:  # never leave a Flower behind on its port
             process.kill()
             process.wait(10)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        exit_interrupted()
     raise typer.Exit(code)

@@ -18,6 +18,7 @@ from .common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    exit_interrupted,
     load_config,
     say,
     say_recovery,
@@ -60,7 +61,10 @@ def requeue_cmd(
         tell(result)
         say("requeue", f"follow with: ringflow status {config} {job} --watch")
         return
-    raise typer.Exit(requeue_locally(cfg, job, selection))
+    code = requeue_locally(cfg, job, selection)
+    if code == EXIT_INTERRUPTED:
+        exit_interrupted()
+    raise typer.Exit(code)
 
 
 def requeue_locally(cfg: Config, job: str, selection: Selection) -> int:

@@ -9,7 +9,7 @@ import typer
 from worker_launcher.broker import shared_broker_url
 from worker_launcher.distributed import integrate_on_slurm
 
-from .common import EXIT_FAILED, EXIT_INTERRUPTED, load_config, say, user_errors
+from .common import EXIT_FAILED, exit_interrupted, load_config, say, user_errors
 from .progress import job_progress, report
 from .run_cmd import ignore_further_interrupts, install_interrupt_handlers, plan_or_fail
 
@@ -38,6 +38,6 @@ def integrate_slurm(
     except KeyboardInterrupt:
         ignore_further_interrupts()
         say("interrupted", "stopped following the job; worker jobs cancelled unless kept")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        exit_interrupted()
     report(summary, as_json)
     raise typer.Exit(0 if summary.ok else EXIT_FAILED)

@@ -28,8 +28,8 @@ from worker_launcher.watch import broker_down, raise_if_stopped
 from .common import (
     _STYLES,
     EXIT_FAILED,
-    EXIT_INTERRUPTED,
     err,
+    exit_interrupted,
     load_config,
     say,
     user_errors,
@@ -73,7 +73,7 @@ def status(
             update(current)
     except KeyboardInterrupt:
         ignore_further_interrupts()
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        exit_interrupted()
     if not live:
         show(current, as_json)
     finish(current, gave_up, config)

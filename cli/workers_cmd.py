@@ -25,7 +25,7 @@ from worker_launcher.watch import (
     uninterruptible,
 )
 
-from .common import EXIT_INTERRUPTED, err, load_config, say, say_recovery, user_errors
+from .common import err, exit_interrupted, load_config, say, say_recovery, user_errors
 from .run_cmd import ignore_further_interrupts, install_interrupt_handlers, say_local_notes
 
 app = typer.Typer(
@@ -171,7 +171,7 @@ def local(
     except KeyboardInterrupt:
         ignore_further_interrupts()
         say("interrupted", "stopping the workers")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        exit_interrupted()
     finally:
         if workers is not None:
             with uninterruptible():  # a second Ctrl-C must not leave orphans behind
