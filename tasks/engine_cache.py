@@ -192,13 +192,13 @@ class EngineCache:
         for it (:meth:`wait_for_builder`) instead of each building the same matrix. Yields
         False, and marks nothing, if another live process is building it."""
         path = self._marker(config)
-        os.makedirs(self.folder, mode=0o700, exist_ok=True)
-        if _builder_pid(path) is not None and not _alive(_builder_pid(path)):
-            with contextlib.suppress(OSError):
-                os.remove(path)  # its builder died
         try:
+            os.makedirs(self.folder, mode=0o700, exist_ok=True)
+            if _builder_pid(path) is not None and not _alive(_builder_pid(path)):
+                with contextlib.suppress(OSError):
+                    os.remove(path)  # its builder died
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except FileExistsError:
+        except OSError:  # another builder, or no workspace to write (planning says why)
             yield False
             return
         with os.fdopen(fd, "w") as out:

@@ -186,3 +186,10 @@ def test_a_dead_builder_is_not_waited_for(setup, tmp_path):  # noqa: F811
     with cache.building(config) as mine:
         assert mine and marker.read_text() == str(os.getpid())
     assert not marker.exists()
+
+
+def test_no_marker_where_the_workspace_cannot_be_written(setup, tmp_path):  # noqa: F811
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with EngineCache(str(blocker / "engines")).building(setup[0]) as mine:
+        assert mine is False
