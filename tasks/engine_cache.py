@@ -17,7 +17,6 @@ one. The newest :data:`KEEP` entries are kept.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import importlib.metadata
 import json
@@ -54,19 +53,14 @@ _ARRAYS = ("data", "indices", "indptr", "dark", "flat", "normalization", "dark_v
 
 def cache_key(config: Config) -> str:
     """Digest of what an entry's numbers depend on."""
+    versions = {name: importlib.metadata.version(name) for name in ("pyFAI", "numpy")}
     content = {
         "integration": config.integration_fingerprint(),
         "cpu_fallback": config.computations.cpu_fallback,
-        "versions": _versions(),
+        "versions": versions,
         "format": FORMAT,
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@functools.cache
-def _versions() -> dict[str, str]:
-    """Installed once per process: read from the packages' metadata once, not per key."""
-    return {name: importlib.metadata.version(name) for name in ("pyFAI", "numpy")}
 
 
 def batchable(config: Config) -> bool:
@@ -200,8 +194,7 @@ class EngineCache:
         path = self._marker(config)
         try:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
-            pid = _builder_pid(path)  # None: absent, or still being written
-            if pid is not None and not _alive(pid):
+            if _builder_pid(path) is not None and not _alive(_builder_pid(path)):
                 with contextlib.suppress(OSError):
                     os.remove(path)  # its builder died
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -222,7 +215,10 @@ class EngineCache:
         path = self._marker(config)
         deadline = time.monotonic() + timeout
         waited = False
-        while time.monotonic() < deadline and _live_builder(path):
+        while time.monotonic() < deadline:
+            pid = _builder_pid(path)
+            if pid is None or not _alive(pid):
+                break
             waited = True
             time.sleep(0.05)
         if waited:
@@ -291,9 +287,11 @@ class EngineCache:
                 with contextlib.suppress(OSError):
                     if now - os.path.getmtime(path) > STALE_SECONDS:
                         shutil.rmtree(path)
-            elif name.startswith(".") and name.endswith(".building") and not _live_builder(path):
-                with contextlib.suppress(OSError):
-                    os.remove(path)
+            elif name.startswith(".") and name.endswith(".building"):
+                pid = _builder_pid(path)
+                if pid is None or not _alive(pid):  # its builder died
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
 
     def _keep_newest(self) -> None:
         entries = []
@@ -312,12 +310,6 @@ def _builder_pid(marker: str) -> int | None:
             return int(src.read().strip() or 0) or None
     except (OSError, ValueError):
         return None
-
-
-def _live_builder(marker: str) -> bool:
-    """The marker names a process still running."""
-    pid = _builder_pid(marker)
-    return pid is not None and _alive(pid)
 
 
 def _alive(pid: int) -> bool:
