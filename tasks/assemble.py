@@ -23,7 +23,7 @@ import warnings
 import h5py
 import numpy as np
 
-from . import confine, nexus, registry
+from . import confine, keys, nexus, registry
 from .app import app
 from .config import Config
 from .errors import OutsideJobError, RingflowError
@@ -46,7 +46,7 @@ AVERAGE_BYTES = 64 * 2**20  # partial rows held at once to average over frames
 CORRECTED_BATCH_BYTES = 32 * 2**20  # raw frames read at once for save_corrected
 
 
-@app.task(name="ringflow.assemble_scan")
+@app.task(name=keys.ASSEMBLE_SCAN)
 def assemble_scan(results: list[dict], payload: dict) -> dict:
     try:
         scan = ScanTask.from_dict(_dereference(payload))

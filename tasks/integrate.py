@@ -28,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import confine, registry
+from . import confine, keys, registry
 from .app import app
 from .errors import InputDataError, OutsideJobError, RingflowError, TransientInputError
 from .gpu import gpu_environment
@@ -90,7 +90,7 @@ def _build_engine(path: str) -> None:
         )
 
 
-@app.task(name="ringflow.integrate_file", bind=True)
+@app.task(name=keys.INTEGRATE_FILE, bind=True)
 def integrate_file(self, payload: dict) -> dict:
     task = FileTask.from_dict(payload)
     client = app.backend.client

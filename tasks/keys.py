@@ -20,6 +20,8 @@ WORKERS = "{prefix}:workers"
 MOVING = "{prefix}:moving"
 JOB_NAME = "ringflow-{prefix}-{role}"
 NODE_NAME = "{prefix}-{role}-{tag}"
+INTEGRATE_FILE = "ringflow.integrate_file"  # task names, as messages carry them
+ASSEMBLE_SCAN = "ringflow.assemble_scan"
 
 
 def gpu_queue(prefix: str, slot: int) -> str:

@@ -4,6 +4,7 @@ monitor values but the ones they name."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -92,5 +93,70 @@ def test_queued_messages_are_small_and_name_the_registered_configuration(small_d
     finally:
         registry._configs.clear()
         stale = list(client.scan_iter(f"{prefix}*")) + list(client.scan_iter(f"_kombu*{prefix}*"))
+        if stale:
+            client.delete(*stale)
+
+
+def _normalised(raw: bytes, group_id: str) -> dict:
+    """A queued message with its body decoded; the chord's random group id, the transport's
+    delivery tag and the argument reprs Celery's canvas also copies into the properties
+    (workers read those of the headers) left out."""
+    message = json.loads(raw)
+    message["body"] = json.loads(base64.b64decode(message["body"]))
+    del message["properties"]["delivery_tag"]
+    for name in ("argsrepr", "kwargsrepr"):
+        message["properties"].pop(name, None)
+    return json.loads(json.dumps(message).replace(group_id, "GROUP"))
+
+
+@pytest.mark.service
+def test_file_task_messages_are_those_of_celerys_own_chord(small_demo, tmp_path):
+    """ringflow publishes each scan's chord without Celery's canvas (it costs most of the
+    time to enqueue 100,000 files): the queued messages and the chord's size in the backend
+    must be what ``chord(header, body).apply_async()`` makes of the same files."""
+    from celery import chord
+
+    from tasks.app import configure
+    from tasks.jobs import _assembly, _no_result_subscriptions, plan_job, submit
+
+    url, prefix = redis_url(), unique_prefix("chord")
+    app = configure(url)
+    client = app.backend.client
+    plan = plan_job(large_config(small_demo, tmp_path, prefix))
+    queue = keys.gpu_queue(prefix, 0)
+    chord_keys: list[str] = []
+    try:
+        callbacks = submit(app, plan)
+        ours = client.lrange(queue, 0, -1)
+        client.delete(queue)
+        manifest = registry.read_manifest(client, prefix, plan.job_id)
+        integrate_file = app.tasks[keys.INTEGRATE_FILE]
+        for scan, files in plan.scans:
+            header = [
+                integrate_file.s(manifest[f.task_id]).set(
+                    queue=queue, task_id=f.task_id, argsrepr=repr(f.path), kwargsrepr="{}"
+                )
+                for f in files
+            ]
+            callback = callbacks[scan.scan_key]
+            body = _assembly(
+                app.tasks[keys.ASSEMBLE_SCAN], prefix, plan.job_id, scan.scan_key, callback
+            )
+            with _no_result_subscriptions(app):  # nothing to unsubscribe at exit
+                chord(header, body).apply_async()
+        celerys = client.lrange(queue, 0, -1)
+        assert len(ours) == len(celerys) == len(plan.file_tasks) == 4
+        scan_sizes = {f.task_id: len(files) for _, files in plan.scans for f in files}
+        for mine, theirs in zip(ours, celerys, strict=True):
+            mine_group = json.loads(mine)["headers"]["group"]
+            theirs_group = json.loads(theirs)["headers"]["group"]
+            assert mine_group != theirs_group  # each sending is a new chord, as Celery's
+            assert _normalised(mine, mine_group) == _normalised(theirs, theirs_group)
+            for group in (mine_group, theirs_group):
+                size_key = app.backend.get_key_for_group(group, ".s")
+                chord_keys.append(size_key)
+                assert int(client.get(size_key)) == scan_sizes[json.loads(mine)["headers"]["id"]]
+    finally:
+        stale = list(client.scan_iter(f"{prefix}*")) + chord_keys
         if stale:
             client.delete(*stale)
