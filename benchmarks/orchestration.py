@@ -16,18 +16,18 @@ Two figures, each against its target on 2 cores:
    2 shared cores. The two jobs have the same number of scans, so per-scan costs cancel; the
    figure still grows with files per scan (each file's message carries the scan's chord
    body). Target: <= 50 ms/file.
-2. Enqueue 10,000 file tasks: ``submit(app, plan)`` (job registration and one chord per scan of
+2. Enqueue 100,000 file tasks: ``submit(app, plan)`` (job registration and one chord per scan of
    100 files) against a real Redis from ``start_embedded_redis`` (AOF on, as ``ringflow
    run``), no worker. The payloads are those of a real plan (50-frame files, so each registers
    its 50 monitor values), repeated with their own ids, paths and partials. ``--short``
-   enqueues 2,000 and reports 5 x its time, labelled as extrapolated. Target: <= 10 s.
+   enqueues 2,000 and reports 50 x its time, labelled as extrapolated. Target: <= 10 s.
 
 Each part runs in a fresh interpreter: Celery's app keeps its first broker connection for the
 life of a process, and pyFAI's OpenMP state must not leak into the caller. That process is
 pinned to 2 CPUs (its workers and Redis inherit that) and is stopped, with everything it
 started, on error or timeout.
 
-    python benchmarks/orchestration.py            # full: 20 and 200 files, 10,000 tasks
+    python benchmarks/orchestration.py            # full: 20 and 200 files, 100,000 tasks
     python benchmarks/orchestration.py --short    # CI: 10 and 60 files, 2,000 tasks
 """
 
@@ -65,8 +65,8 @@ SIZES = {False: (20, 200), True: (10, 60)}  # files per timed job (N1, N2), by -
 ROUNDS = {False: 2, True: 1}  # each size's fastest round counts (the machine is shared)
 WARMUP_FILES = 8
 PER_FILE_TARGET_MS = 50.0
-ENQUEUE_TARGET_TASKS = 10_000
-ENQUEUE_TASKS = {False: 10_000, True: 2_000}
+ENQUEUE_TARGET_TASKS = 100_000
+ENQUEUE_TASKS = {False: 100_000, True: 2_000}
 ENQUEUE_TARGET_S = 10.0
 ENQUEUE_FILES_PER_SCAN = 100
 ENQUEUE_FRAMES_PER_FILE = 50
@@ -318,8 +318,8 @@ def write_enqueue_dataset(root: str) -> str:
     return write_demo(spec).config
 
 
-def synthetic_plan(base, n_tasks: int):
-    """``n_tasks`` file tasks in scans of ENQUEUE_FILES_PER_SCAN, ids as plan_job makes them.
+def synthetic_plan(base, n_tasks: int, files_per_scan: int = ENQUEUE_FILES_PER_SCAN):
+    """``n_tasks`` file tasks in scans of ``files_per_scan``, ids as plan_job makes them.
 
     Each file task is a copy of one of ``base``'s (same configuration, same monitor values,
     registered under its own id) with its own task id, scan, index, first row and partial
@@ -329,8 +329,8 @@ def synthetic_plan(base, n_tasks: int):
 
     scan0, files0 = base.scans[0]
     plan = JobPlan(base.job_id, base.config, base.workspace)
-    for s in range(math.ceil(n_tasks / ENQUEUE_FILES_PER_SCAN)):
-        count = min(ENQUEUE_FILES_PER_SCAN, n_tasks - s * ENQUEUE_FILES_PER_SCAN)
+    for s in range(math.ceil(n_tasks / files_per_scan)):
+        count = min(files_per_scan, n_tasks - s * files_per_scan)
         key = f"{s + 1}.1"
         files = []
         for i in range(count):
