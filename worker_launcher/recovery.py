@@ -115,7 +115,10 @@ class LostCallbacks:
     reports it.
 
     A look costs two Redis round trips (the job's finished files) while no scan is
-    suspect; the callbacks, queues and results are read only for scans whose files are over.
+    suspect; the callbacks and queues are read only for scans whose files are over, and the
+    files' results (a read per file) only for those whose callback waits nowhere: with
+    assemblies queued behind a slow assembly worker, reading every waiting scan's results
+    on every look cost 1,000 reads per 1,000-file scan every 2 s.
     """
 
     app: object
@@ -176,8 +179,10 @@ class LostCallbacks:
         queued |= {m.task_id for m in in_flight(client, self.prefix)}
         suspects = {}
         for scan_key, callback in over.items():
+            if callback in queued:  # waiting for the assembly worker: the usual case
+                continue
             metas = [backend.get_task_meta(t) for t in files_of[scan_key]]
-            if callback not in queued and all(is_final(m["status"]) for m in metas):
+            if all(is_final(m["status"]) for m in metas):
                 results = [
                     _file_result(t, m) for t, m in zip(files_of[scan_key], metas, strict=True)
                 ]
