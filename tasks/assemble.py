@@ -139,10 +139,10 @@ def _dereference(payload: dict) -> dict:
     ref = payload.get("ref")
     if ref is None:
         return payload
-    scans = registry.read_scans(app.backend.client, ref["prefix"], ref["job_id"])
-    if ref["scan_key"] not in scans:
+    record = registry.read_scan(app.backend.client, ref["prefix"], ref["job_id"], ref["scan_key"])
+    if record is None:
         raise RingflowError(f"job {ref['job_id']}: scan {ref['scan_key']} not in the registry")
-    return scans[ref["scan_key"]]["scan"]
+    return record["scan"]
 
 
 def build_result(scan: ScanTask, config: Config) -> ScanResult:
