@@ -4,7 +4,7 @@ Sections (each module also runs alone):
 - ``engine.py``: batched engine vs pyFAI frame by frame, 1D and 2D; peak RSS of one engine on
   a long vs a short file;
 - ``end_to_end.py``: ``ringflow run`` vs the script a scientist would write, start-up included;
-- ``orchestration.py``: per-file task overhead, time to enqueue 10,000 file tasks.
+- ``orchestration.py``: per-file task overhead, time to enqueue 100,000 file tasks.
 
     python benchmarks/throughput.py            # full: exit 1 if a target is missed or unequal
     python benchmarks/throughput.py --short    # CI: exit 1 only if results are unequal
