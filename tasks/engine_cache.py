@@ -17,6 +17,7 @@ one. The newest :data:`KEEP` entries are kept.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .batched import BatchInputs, BatchIntegrator, BatchResult, batcher_for
+from .batched import ERROR_MODELS, BatchInputs, BatchIntegrator, BatchResult, batcher_for
 from .config import Config
 
 if TYPE_CHECKING:
@@ -53,14 +54,20 @@ _ARRAYS = ("data", "indices", "indptr", "dark", "flat", "normalization", "dark_v
 
 def cache_key(config: Config) -> str:
     """Digest of what an entry's numbers depend on."""
-    versions = {name: importlib.metadata.version(name) for name in ("pyFAI", "numpy")}
     content = {
         "integration": config.integration_fingerprint(),
         "cpu_fallback": config.computations.cpu_fallback,
-        "versions": versions,
+        "versions": _versions(),
         "format": FORMAT,
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    """The installed pyFAI and numpy, read once per process: a key is asked for several times
+    per engine (marker, entry, load, save) and each read scans the installed packages."""
+    return {name: importlib.metadata.version(name) for name in ("pyFAI", "numpy")}
 
 
 def batchable(config: Config) -> bool:
@@ -70,7 +77,7 @@ def batchable(config: Config) -> bool:
     return (
         not c.trim_method
         and c.ai_method == "cython"
-        and (c.error_model or "none").lower() in ("none", "poisson", "hybrid")
+        and (c.error_model or "none").lower() in ERROR_MODELS
     )
 
 
@@ -194,7 +201,8 @@ class EngineCache:
         path = self._marker(config)
         try:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
-            if _builder_pid(path) is not None and not _alive(_builder_pid(path)):
+            pid = _builder_pid(path)
+            if pid is not None and not _alive(pid):  # not an empty marker: one just made
                 with contextlib.suppress(OSError):
                     os.remove(path)  # its builder died
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -216,8 +224,7 @@ class EngineCache:
         deadline = time.monotonic() + timeout
         waited = False
         while time.monotonic() < deadline:
-            pid = _builder_pid(path)
-            if pid is None or not _alive(pid):
+            if not _builder_alive(path):
                 break
             waited = True
             time.sleep(0.05)
@@ -287,11 +294,9 @@ class EngineCache:
                 with contextlib.suppress(OSError):
                     if now - os.path.getmtime(path) > STALE_SECONDS:
                         shutil.rmtree(path)
-            elif name.startswith(".") and name.endswith(".building"):
-                pid = _builder_pid(path)
-                if pid is None or not _alive(pid):  # its builder died
-                    with contextlib.suppress(OSError):
-                        os.remove(path)
+            elif name.endswith(".building") and name.startswith(".") and not _builder_alive(path):
+                with contextlib.suppress(OSError):  # its builder died
+                    os.remove(path)
 
     def _keep_newest(self) -> None:
         entries = []
@@ -310,6 +315,12 @@ def _builder_pid(marker: str) -> int | None:
             return int(src.read().strip() or 0) or None
     except (OSError, ValueError):
         return None
+
+
+def _builder_alive(marker: str) -> bool:
+    """The marker names a process, and that process runs."""
+    pid = _builder_pid(marker)
+    return pid is not None and _alive(pid)
 
 
 def _alive(pid: int) -> bool:
