@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 PIXEL_BLOCK = 1 << 15  # pixels per transposing task: a (block x frames) float32 tile in cache
 BAD_LISTED = 1 << 16  # dummies listed per thread and batch by the kernel; more: scipy path
+# the error models a batch computes; the others need each frame's azimuthal average first
+ERROR_MODELS = ("none", "poisson", "hybrid")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import kernels
-from .batched import BatchInputs, BatchIntegrator, BatchResult, batcher_for
+from .batched import ERROR_MODELS, BatchInputs, BatchIntegrator, BatchResult, batcher_for
 from .config import COMMON_UNITS, Config, ConfigError, IntegrationConfig
 from .engine_cache import CachedEngine, worker_cache
 from .errors import InputDataError
@@ -407,7 +407,7 @@ class Engine:
         if (algo, impl) != ("csr", "cython"):
             return f"method {split}/{algo}/{impl} (batches need the cython CSR engine)"
         model = (self.config.error_model or "none").lower()
-        if model not in ("none", "poisson", "hybrid"):
+        if model not in ERROR_MODELS:
             return f"error model {model} needs each frame's azimuthal average"
         if self._csr() is None:
             return "pyFAI built no CSR matrix for this configuration"
