@@ -304,15 +304,16 @@ def per_file_report(timings: dict[int, list[JobTiming]], frame_ms: float) -> Sec
 # 2. Enqueueing
 
 
-def write_enqueue_dataset(root: str) -> str:
-    """One scan of four 50-frame files: a real plan whose payloads the big plan repeats."""
+def write_enqueue_dataset(root: str, frames: int = ENQUEUE_FRAMES_PER_FILE) -> str:
+    """One scan of four ``frames``-frame files: a real plan whose payloads the big plan
+    repeats."""
     from tasks.demo import DemoSpec, write_demo
 
     spec = DemoSpec(
         root=root,
         scans=1,
         files_per_scan=4,
-        frames_per_file=ENQUEUE_FRAMES_PER_FILE,
+        frames_per_file=frames,
         detector=DETECTOR,
     )
     return write_demo(spec).config

@@ -86,13 +86,11 @@ class Deployment:
 
 
 def write_dataset(root: str, frames: int) -> str:
-    """One scan of four Lima files on a small detector; the job repeats its file tasks."""
-    from tasks.demo import DemoSpec, write_demo
+    """The enqueue benchmark's dataset (one scan of four files on a small detector; the job
+    repeats its file tasks), with a stall timeout for a long job."""
+    from benchmarks.orchestration import write_enqueue_dataset
 
-    spec = DemoSpec(
-        root=root, scans=1, files_per_scan=4, frames_per_file=frames, detector="imxpad_s10"
-    )
-    path = Path(write_demo(spec).config)
+    path = Path(write_enqueue_dataset(root, frames))
     text = path.read_text().replace("[queue]\n", f"[queue]\nstall_timeout = {STALL_TIMEOUT_S}\n")
     path.write_text(text)
     return str(path)
@@ -109,7 +107,9 @@ def stand_in_provenance(config) -> dict:
     }
 
 
-def worker_env(config, url_file: str, args, provenance: dict) -> dict[str, str]:
+def worker_env(
+    config, url_file: str, args, provenance: dict, shape: tuple[int, ...]
+) -> dict[str, str]:
     from scale_worker import COST_ENV, PROVENANCE_ENV, SHAPE_ENV
 
     from tasks.app import BROKER_FILE_ENV, TIME_LIMIT_ENV
@@ -124,7 +124,7 @@ def worker_env(config, url_file: str, args, provenance: dict) -> dict[str, str]:
         WRITE_ROOTS_ENV: write_roots(config).to_env(),
         COST_ENV: str(args.ms_per_frame),
         PROVENANCE_ENV: json.dumps(provenance),
-        SHAPE_ENV: "120,80",
+        SHAPE_ENV: ",".join(map(str, shape)),
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
     }
@@ -207,6 +207,7 @@ def simulate(args) -> dict:
     from tasks import keys
     from tasks.app import configure_for
     from tasks.config import Config
+    from tasks.engine import load_geometry
     from tasks.jobs import plan_job, submit
     from worker_launcher.redis_server import start_embedded_redis
     from worker_launcher.watch import watch
@@ -221,7 +222,8 @@ def simulate(args) -> dict:
             url_file = os.path.join(tmp, "broker-url")
             with open(os.open(url_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
                 fh.write(server.url)
-            env = worker_env(config, url_file, args, stand_in_provenance(config))
+            shape = tuple(load_geometry(config.integration).detector.shape)
+            env = worker_env(config, url_file, args, stand_in_provenance(config), shape)
             app = configure_for(server.url, config.queue)
             client = app.backend.client
             deployment = start_deployment(config, env, args, tmp)
